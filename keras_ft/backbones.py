@@ -196,7 +196,9 @@ _register(
 _register(
     {"inception_v3": _A.InceptionV3}, preprocessing="tf", default_size=299,
     min_size=75, block_names=("stem", *_numbered("mixed", 0, 10)),
-    rules=((r"^mixed(\d+)$", r"mixed\1"),), assign=_inception_v3_assign,
+    rules=((r"^mixed(\d+)$", r"mixed\1"),  # mixed9_<i> is inside mixed<9+i>
+           (r"^mixed9_(\d)$", lambda m: f"mixed{9 + int(m[1])}")),
+    assign=_inception_v3_assign,
 )
 _register(
     {"vgg16": _A.VGG16, "vgg19": _A.VGG19},

@@ -102,7 +102,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     resolved["model"]["image_size"] = image_size
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
-    if config.resume and os.path.exists(config_path):
+    checkpoints_dir = os.path.join(workdir, "checkpoints")
+    has_checkpoints = os.path.isdir(checkpoints_dir) and any(
+        n.startswith(checkpoint.PREFIX) for n in os.listdir(checkpoints_dir)
+    )
+    if config.resume and has_checkpoints:
         _check_resumable(workdir, resolved)
     elif not config.resume:
         _set_aside_old_run(workdir)
@@ -152,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.model.backbone,
             num_classes=len(dataset.class_names),
             image_size=image_size,
-            weights=config.model.weights,
+            weights=None if str(config.model.weights).lower() == "none" else config.model.weights,
             weights_sha256=config.model.weights_sha256 or None,
             dropout=config.model.dropout,
             class_names=dataset.class_names,
@@ -170,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ------------------------------------------------------------------ resume
     manager = checkpoint.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
+        checkpoints_dir,
         keep=config.checkpoint.keep,
         model=model,
         optimizer=model.optimizer,

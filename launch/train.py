@@ -27,13 +27,31 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of this run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with a misspelt or mistyped key as a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        text = str(e).replace("\\n", " ").replace("\\'", "")
+        message = " ".join(text.split()).strip("'\"")
+        kind = "unknown config key" if isinstance(e, AttributeError) else "bad flags"
+        print(f"error: {kind}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = _CONFIG.value
+        config.get("seed")  # a config file that failed to load raises here
+    except OSError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from keras_ft import callbacks, trainer  # after flag parsing: TF is slow to import
 
     try:
-        trainer.train(_CONFIG.value, _WORKDIR.value)
+        trainer.train(config, _WORKDIR.value)
     except callbacks.NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE_LOSS
@@ -45,4 +63,4 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,82 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import write_image_folder
+from keras_ft import data
+
+
+def test_folder_labels_and_class_names(tmp_path):
+    root = write_image_folder(tmp_path, {"cat": 3, "dog": 4})
+    os.makedirs(tmp_path / "dog" / "notes")  # sub-folders inside a class are ignored
+    (tmp_path / "dog" / "readme.txt").write_text("not an image")
+    images = data.from_folder(root)
+    assert images.class_names == ["cat", "dog"]
+    assert images.labels.tolist() == [0] * 3 + [1] * 4
+    assert all(p.endswith((".png", ".jpg")) for p in images.images)
+
+
+def test_split_is_seeded_stratified_and_disjoint(tmp_path):
+    images = data.from_folder(write_image_folder(tmp_path, {"a": 10, "b": 20}))
+    train, val = data.split(images, 0.2, seed=3)
+    again_train, again_val = data.split(images, 0.2, seed=3)
+    other_train, _ = data.split(images, 0.2, seed=4)
+    assert train.images == again_train.images and val.images == again_val.images
+    assert train.images != other_train.images
+    assert not set(train.images) & set(val.images)
+    assert len(train) + len(val) == 30
+    assert np.bincount(val.labels).tolist() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"a": 3, "b": 0}, "has no image files"),
+        ({"a": 3}, "at least 2"),
+    ],
+)
+def test_bad_folders_fail_naming_the_problem(tmp_path, layout, message):
+    root = write_image_folder(tmp_path, layout)
+    with pytest.raises(ValueError, match=message):
+        data.from_folder(root)
+
+
+def test_missing_folder_and_unknown_source(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_source(f"folder:{tmp_path}/nope")
+    with pytest.raises(ValueError, match="folder:"):
+        data.load_source("ftp://x")
+
+
+def test_dataset_shapes_and_seeded_flips(tmp_path):
+    images = data.from_folder(write_image_folder(tmp_path, {"a": 4, "b": 4}))
+    ds = data.make_dataset(images, 16, batch_size=3, training=True, seed=7)
+    batches = list(ds)
+    assert len(batches) == 2  # 8 images, partial batch dropped in training
+    x, y = batches[0]
+    assert x.shape == (3, 16, 16, 3) and x.dtype == tf.float32
+    assert float(tf.reduce_min(x)) >= 0 and float(tf.reduce_max(x)) <= 255
+    same = data.make_dataset(images, 16, batch_size=3, training=True, seed=7)
+    for (a, _), (b, _) in zip(batches, same):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    val = data.make_dataset(images, 16, batch_size=3, training=False)
+    assert sum(int(b[0].shape[0]) for b in val) == 8
+
+
+def test_arrays_source_checks_shapes():
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    images = data.from_arrays(x, [0, 1, 0, 1], ["no", "yes"])
+    assert len(images) == 4
+    with pytest.raises(ValueError, match="labels"):
+        data.from_arrays(x, [0, 1, 2, 1], ["no", "yes"])
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+        data.from_arrays(np.zeros((4, 8, 8)), [0, 1, 0, 1])
+
+
+def test_resize_matches_in_eager_and_tf_data():
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (9, 13, 3)), tf.uint8)
+    eager = data.resize_image(image, 8)
+    mapped = next(iter(tf.data.Dataset.from_tensors(image).map(lambda i: data.resize_image(i, 8))))
+    np.testing.assert_allclose(eager.numpy(), mapped.numpy(), atol=1e-5)

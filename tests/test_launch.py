@@ -1,0 +1,113 @@
+"""`python -m launch.train` end to end: the workdir contract, resume, errors."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, write_image_folder
+
+
+def run_train(workdir, *overrides, config="configs/tiny.py"):
+    cmd = [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        cmd + list(overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"), {"dark": 10, "light": 10})
+
+
+def _error_line(result):
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_workdir_contract_and_resume(tmp_path, images):
+    workdir = tmp_path / "run"
+    source = f"--config.data.source=folder:{images}"
+    result = run_train(workdir, source)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    names = set(os.listdir(workdir))
+    assert {"config.json", "metrics.json", "history.csv", "checkpoints", "export", "tensorboard"} <= names
+    assert not [n for n in names if n.startswith(".")]  # no temporary leftovers
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["backbone"] == "mobilenet_v2"
+    assert config["model"]["image_size"] == 32
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["steps"] == 6
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and np.isfinite(metrics["val_loss"])
+    assert metrics["train_images_per_sec"] > 0
+    with open(workdir / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["ckpt-000001", "ckpt-000002"]
+    assert os.listdir(workdir / "tensorboard")
+    # The stage schedule ran: head first, then the top two blocks.
+    assert "Stage 1/2 from epoch 1: head only" in result.stderr
+    assert "Stage 2/2 from epoch 2: top 2 block(s)" in result.stderr
+
+    served = tf.saved_model.load(str(workdir / "export"))
+    assert {"serving_default", "serving_uint8"} <= set(served.signatures)
+    png = tf.io.encode_png(np.full((40, 30, 3), 200, np.uint8))
+    out = served.signatures["serving_default"](images=tf.stack([png, png]))
+    assert out["probabilities"].shape == (2, 2)
+    assert set(out["classes"].numpy().tolist()) <= {b"dark", b"light"}
+
+    # Rerunning the finished run trains nothing more.
+    again = run_train(workdir, source)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "All 2 epochs are done" in again.stderr
+    assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
+
+    # Losing the last checkpoint (as if killed during epoch 2) resumes epoch 2 only.
+    shutil.rmtree(workdir / "checkpoints" / "ckpt-000002")
+    resumed = run_train(workdir, source)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stderr and "ckpt-000001" in resumed.stderr
+    assert "Training epochs 2..2 of 2" in resumed.stderr
+    assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
+    with open(workdir / "history.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+    # A changed config cannot silently resume.
+    changed = run_train(workdir, source, "--config.optimizer.learning_rate=0.5")
+    assert changed.returncode == 2
+    assert "optimizer.learning_rate: 0.01 -> 0.5" in _error_line(changed)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.model.bakbone=x"], "unknown config key: bakbone"),
+        (["--config.model.backbone=resnet5"], "Unknown backbone 'resnet5'. Choose one of: resnet50"),
+        (["--config.model.weights=/no/such/weights.h5"], "/no/such/weights.h5"),
+        (["--config.distribute.strategy=tpu9"], "Unknown distribute.strategy 'tpu9'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, images, overrides, message):
+    result = run_train(tmp_path / "run", f"--config.data.source=folder:{images}", *overrides)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in _error_line(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_class_folder_is_one_line_and_exit_2(tmp_path):
+    os.makedirs(tmp_path / "data" / "cats")
+    write_image_folder(tmp_path / "data", {"dogs": 4})
+    result = run_train(tmp_path / "run", f"--config.data.source=folder:{tmp_path / 'data'}")
+    assert result.returncode == 2
+    assert "cats" in _error_line(result) and "no image files" in _error_line(result)
