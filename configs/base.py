@@ -57,6 +57,8 @@ def get_config(arg=None):
     config.distribute = ml_collections.ConfigDict()
     config.distribute.strategy = "auto"  # "auto" (Mirrored over all GPUs if more
     #   than one, else the default), "default", "one_device", "mirrored"
+    config.distribute.cpu_devices = 0  # >1 splits the CPU into that many logical
+    #   devices (multi-replica runs without GPUs, as Keras' own tests do)
 
     config.export = ml_collections.ConfigDict()
     config.export.enabled = True  # write workdir/export (SavedModel) at the end

@@ -103,7 +103,8 @@ def _inception_v3_assign(layers: Sequence[keras.layers.Layer]) -> list[str]:
 
     The stem runs through the second MaxPooling2D (conv x3, pool, conv x2,
     pool); after that every layer up to and including ``mixedN`` is block
-    ``mixedN`` (``mixed9_0``/``mixed9_1`` are inner concatenations).
+    ``mixedN`` (``mixed9_0``/``mixed9_1`` are inner concatenations of
+    mixed9/mixed10).
     """
     out, current, pools = [], "stem", 0
     for layer in layers:
@@ -212,6 +213,7 @@ def names() -> list[str]:
 
 
 def get(name: str) -> BackboneSpec:
+    """The spec registered as ``name`` (a BackboneSpec is returned as is)."""
     if isinstance(name, BackboneSpec):
         return name
     try:

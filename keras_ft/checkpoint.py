@@ -94,7 +94,7 @@ class CheckpointManager:
                 with open(os.path.join(path, STATE_FILE)) as f:
                     state = json.load(f)
                 self.checkpoint.read(os.path.join(path, "ckpt")).assert_consumed()
-            except (OSError, ValueError, AssertionError, tf.errors.OpError) as e:
+            except (OSError, ValueError, IndexError, AssertionError, tf.errors.OpError) as e:
                 logging.warning(
                     "Checkpoint %s is unreadable (%s); trying the one before.",
                     path, str(e).splitlines()[0] if str(e) else type(e).__name__,

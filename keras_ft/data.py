@@ -164,33 +164,52 @@ def make_dataset(
     batch_size: int,
     training: bool,
     seed: int = 0,
+    skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(images, labels)`.
 
-    Training sets are shuffled with `seed` (a new order every epoch, the same
-    sequence of orders for the same seed) and randomly flipped left-right.
+    Evaluation sets are one pass in order. Training sets are an endless stream
+    of passes: pass `p` visits the images in a permutation drawn from
+    `(seed, p)` and flips each left-right by a coin drawn from
+    `(seed, position in the stream)`. The stream is a pure function of the
+    seed, so it is the same under any `tf.distribute` strategy, and
+    `skip_batches` resumes it exactly where an interrupted run left off.
+    Training drops nothing but never mixes passes inside a batch either:
+    every step sees `batch_size` images.
     """
     in_memory = isinstance(data.images, np.ndarray)
-    ds = tf.data.Dataset.from_tensor_slices((data.images, data.labels))
-    if training:
-        ds = ds.shuffle(len(data), seed=seed, reshuffle_each_iteration=True)
+    images, labels = tf.constant(data.images), tf.constant(data.labels)
 
-    def load(image, label):
+    def load(index):
+        image = images[index]
         if not in_memory:
             image = decode_image(tf.io.read_file(image))
-        return resize_image(image, image_size), label
+        return resize_image(image, image_size), labels[index]
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if training:
-        # One seeded random number per element, a new stream every epoch: the
-        # flips are random, yet the same for the same seed and epoch.
-        coins = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip(ds, coins).map(_random_flip)
-    # Training drops the last partial batch: every step sees the global batch.
-    return ds.batch(batch_size, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+    if not training:
+        ds = tf.data.Dataset.range(len(data)).map(
+            load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
+    n = len(data)
+    per_pass = (n // batch_size) * batch_size  # whole batches only
 
-def _random_flip(example, coin):
-    image, label = example
-    seed = tf.stack([coin, tf.constant(0, tf.int64)])
-    return tf.image.stateless_random_flip_left_right(image, seed), label
+    def one_pass(p):
+        order = tf.random.experimental.index_shuffle(
+            tf.range(n, dtype=tf.int64),
+            seed=tf.stack([tf.constant(seed, tf.int64), p]),
+            max_index=n - 1,
+        )
+        return tf.data.Dataset.from_tensor_slices(order[:per_pass])
+
+    ds = tf.data.Dataset.range(2**62).flat_map(one_pass).enumerate()
+    ds = ds.skip(skip_batches * batch_size)
+
+    def load_and_flip(position, index):
+        image, label = load(index)
+        coin = tf.stack([tf.constant(seed, tf.int64), position])
+        return tf.image.stateless_random_flip_left_right(image, coin), label
+
+    ds = ds.map(load_and_flip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

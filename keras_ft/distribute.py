@@ -14,9 +14,15 @@ def split_cpu(num_devices: int) -> None:
     multi-device tests do.
     """
     cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
-    )
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            "distribute.cpu_devices must be set before TensorFlow starts running "
+            f"ops in this process ({e})."
+        ) from e
 
 
 def create(name: str) -> tf.distribute.Strategy:

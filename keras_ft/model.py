@@ -114,12 +114,12 @@ class Classifier(keras.Model):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(tf_variables)
             y_pred = self(x, training=True)
+            # Keras losses divide the batch mean by the number of replicas in
+            # sync, as the optimizer sums gradients over replicas.
             loss = self.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
-            # Gradients are summed over replicas: scale the per-replica mean.
-            replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            scaled_loss = self.optimizer.scale_loss(loss)
         if variables:
             grads = tape.gradient(scaled_loss, tf_variables)
             self.optimizer.apply(grads, variables)
@@ -134,10 +134,12 @@ class Classifier(keras.Model):
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
     def _update_metrics(self, loss, x, y, y_pred, sample_weight):
+        # Undo the per-replica scaling: the metric reports the batch mean.
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         batch = tf.shape(x)[0]
         for metric in self.metrics:
             if metric.name == "loss":
-                metric.update_state(loss, sample_weight=batch)
+                metric.update_state(loss * replicas, sample_weight=batch)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def get_config(self):

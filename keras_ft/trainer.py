@@ -94,6 +94,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         The final metrics, as written to `metrics.json`.
     """
     # ------------------------------------------------------------------ config
+    if config.distribute.cpu_devices:
+        distribute.split_cpu(config.distribute.cpu_devices)
     keras.utils.set_random_seed(config.seed)
     spec = backbones.get(config.model.backbone)
     image_size = config.model.image_size or spec.default_size
@@ -129,7 +131,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"The training split has {len(train_set)} images, fewer than "
             f"train.global_batch_size={batch}; lower the batch size."
         )
-    train_ds = data.make_dataset(train_set, image_size, batch, training=True, seed=config.seed)
     val_ds = data.make_dataset(val_set, image_size, batch, training=False)
     steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
     logging.info(
@@ -182,6 +183,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = manager.restore_latest() if config.resume else None
     history = state["history"] if state else []
     initial_epoch = state["epoch"] if state else 0
+    # The training stream is a pure function of the seed: skipping the batches
+    # of finished epochs continues it exactly where the last run stopped.
+    train_ds = data.make_dataset(
+        train_set, image_size, batch, training=True, seed=config.seed,
+        skip_batches=initial_epoch * steps_per_epoch,
+    )
 
     # --------------------------------------------------------------------- fit
     throughput = callbacks.Throughput(batch)
@@ -205,7 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             initial_epoch + 1, config.train.epochs, config.train.epochs, steps_per_epoch,
         )
         model.fit(
-            train_ds.repeat() if config.train.steps_per_epoch else train_ds,
+            train_ds,
             validation_data=val_ds,
             epochs=config.train.epochs,
             initial_epoch=initial_epoch,

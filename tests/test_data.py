@@ -50,19 +50,31 @@ def test_missing_folder_and_unknown_source(tmp_path):
         data.load_source("ftp://x")
 
 
-def test_dataset_shapes_and_seeded_flips(tmp_path):
+def test_training_stream_is_seeded_by_pass_and_resumable(tmp_path):
     images = data.from_folder(write_image_folder(tmp_path, {"a": 4, "b": 4}))
-    ds = data.make_dataset(images, 16, batch_size=3, training=True, seed=7)
-    batches = list(ds)
-    assert len(batches) == 2  # 8 images, partial batch dropped in training
+    stream = data.make_dataset(images, 16, batch_size=3, training=True, seed=7)
+    batches = list(stream.take(6))  # 8 images: 2 whole batches a pass
     x, y = batches[0]
     assert x.shape == (3, 16, 16, 3) and x.dtype == tf.float32
     assert float(tf.reduce_min(x)) >= 0 and float(tf.reduce_max(x)) <= 255
-    same = data.make_dataset(images, 16, batch_size=3, training=True, seed=7)
-    for (a, _), (b, _) in zip(batches, same):
+    # A pass visits distinct images; passes come in different orders.
+    first_pass = np.concatenate([b[0].numpy() for b in batches[:2]])
+    assert len({a.tobytes() for a in first_pass}) == 6
+    orders = [np.concatenate([b[1].numpy() for b in batches[i:i + 2]]) for i in (0, 2, 4)]
+    assert not all(np.array_equal(orders[0], o) for o in orders[1:])
+    # The same seed gives the same stream; skipping resumes it exactly.
+    resumed = list(data.make_dataset(images, 16, 3, training=True, seed=7, skip_batches=4).take(2))
+    for (a, la), (b, lb) in zip(batches[4:], resumed):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    val = data.make_dataset(images, 16, batch_size=3, training=False)
-    assert sum(int(b[0].shape[0]) for b in val) == 8
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+    other = list(data.make_dataset(images, 16, 3, training=True, seed=8).take(2))
+    assert not all(np.array_equal(a[0].numpy(), b[0].numpy()) for a, b in zip(batches, other))
+    # Flips happen: some image appears mirrored relative to its evaluation copy.
+    val = np.concatenate([b[0].numpy() for b in data.make_dataset(images, 16, 3, training=False)])
+    assert len(val) == 8
+    flipped = {a[:, ::-1].tobytes() for a in val} - {a.tobytes() for a in val}
+    seen = {a.tobytes() for b in batches for a in b[0].numpy()}
+    assert seen & flipped
 
 
 def test_arrays_source_checks_shapes():

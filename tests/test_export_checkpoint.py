@@ -1,0 +1,74 @@
+"""SavedModel export parity, and atomic checkpoints with fallback."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_ft
+from keras_ft import checkpoint, data, export
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    m = keras_ft.build_classifier("mobilenet_v2", 3, image_size=32, class_names=["a", "b", "c"])
+    m.compile(keras_ft.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return m
+
+
+def test_export_matches_model_on_bytes_and_uint8_of_any_size(tmp_path, model):
+    path = export.export_saved_model(model, str(tmp_path / "export"), ["a", "b", "c"], 32)
+    served = tf.saved_model.load(path)
+    rng = np.random.default_rng(0)
+    for h, w in [(32, 32), (50, 21), (7, 90)]:
+        batch = rng.integers(0, 256, (3, h, w, 3)).astype(np.uint8)
+        expected = tf.nn.softmax(model(data.resize_image(batch, 32), training=False)).numpy()
+        out = served.signatures["serving_uint8"](images=tf.constant(batch))
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+        names = np.array([b"a", b"b", b"c"])[expected.argmax(axis=1)]
+        assert out["classes"].numpy().tolist() == names.tolist()
+        pngs = tf.stack([tf.io.encode_png(image) for image in batch])
+        out = served.signatures["serving_default"](images=pngs)
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
+    # Writing again replaces the export in one rename; no temporary folder stays.
+    export.export_saved_model(model, path, ["a", "b", "c"], 32)
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
+def test_corrupt_image_is_an_error_not_a_crash(tmp_path, model):
+    served = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "e"), "abc", 32))
+    good = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        served.signatures["serving_default"](images=tf.stack([good, tf.constant(b"not an image")]))
+    out = served.signatures["serving_default"](images=tf.stack([good]))
+    assert out["probabilities"].shape == (1, 3)
+
+
+def test_checkpoints_are_atomic_kept_and_fall_back(tmp_path, model):
+    directory = str(tmp_path / "ckpt")
+    os.makedirs(os.path.join(directory, ".tmp-crashed"))  # a save that died
+    manager = checkpoint.CheckpointManager(directory, keep=2, model=model, optimizer=model.optimizer)
+    assert os.listdir(directory) == []  # swept
+    kernel = model.head.kernel
+    original = kernel.numpy().copy()
+    for epoch in (1, 2, 3):
+        kernel.assign(original + epoch)
+        manager.save(epoch, {"history": [{"loss": float(epoch)}] * epoch})
+    assert [os.path.basename(p) for p in manager.all()] == ["ckpt-000002", "ckpt-000003"]
+
+    kernel.assign(original)
+    state = manager.restore_latest()
+    assert state["epoch"] == 3 and len(state["history"]) == 3
+    np.testing.assert_array_equal(kernel.numpy(), original + 3)
+
+    # Truncate the newest checkpoint's data: the previous one is used.
+    newest = manager.all()[-1]
+    data_file = [f for f in os.listdir(newest) if f.startswith("ckpt.data")][0]
+    with open(os.path.join(newest, data_file), "r+b") as f:
+        f.truncate(10)
+    state = manager.restore_latest()
+    assert state["epoch"] == 2
+    np.testing.assert_array_equal(kernel.numpy(), original + 2)
