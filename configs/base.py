@@ -47,12 +47,25 @@ def get_config(arg=None):
     config.optimizer.nesterov = False
     config.optimizer.weight_decay = 0.0  # decoupled; skips biases and BatchNorm
     config.optimizer.schedule = "cosine"  # "constant" or "cosine" (to 0 at the end)
+    config.optimizer.l2sp = 0.0  # L2-SP alpha: adds alpha/2 * ||θ - θ0||^2 over
+    #   the trained backbone weights, θ0 = the pretrained ones (Li et al., 2018)
 
     config.freeze = ml_collections.ConfigDict()
-    # The stage schedule, in order. blocks: top backbone blocks that train
-    # (0 = head only, -1 = all); the last stage runs until train.epochs.
+    # The stage schedule, in order: each stage trains the head and the top
+    # `blocks` backbone blocks (0 = head only, -1 = all) for `epochs` or
+    # `steps`, at lr_scale x the learning rate; the last stage runs until
+    # train.epochs. Presets: keras_ft.stages (head, last_k_blocks, all_blocks,
+    # gradual, lp_ft).
     config.freeze.stages = (dict(epochs=1, blocks=0, lr_scale=1.0),)
-    config.freeze.batchnorm = "frozen"  # "frozen" (inference mode) or "trainable"
+    config.freeze.batchnorm = "frozen"  # "frozen" (inference mode, statistics
+    #   fixed; γ/β train with their block), "trainable", or "reestimate"
+    #   (recompute the statistics on training images first, then frozen)
+    config.freeze.reestimate_batches = 20  # batches used by "reestimate"
+    config.freeze.method = "full"  # what trains in a trainable block: "full",
+    #   "bitfit" (biases), "bn_only" (BatchNorm γ/β), "lora" (adapters)
+    config.freeze.lora_rank = 4  # rank of the LoRA adapters (method "lora")
+    config.freeze.lr_decay = 1.0  # discriminative LR: block k levels below the
+    #   head learns at lr_decay**k x the rate (ULMFiT: 1/2.6 = 0.3846)
 
     config.distribute = ml_collections.ConfigDict()
     config.distribute.strategy = "auto"  # "auto" (Mirrored over all GPUs if more

@@ -83,6 +83,12 @@ class Classifier(keras.Model):
         # all of them once, so a stage change keeps the slots of variables that
         # were already training. Paths, not variables, to avoid re-tracking.
         self._tunable_paths = [v.path for v in self.trainable_variables]
+        # The variables the current freezing stage trains (None: Keras'
+        # `trainable_variables`). Explicit, because a BatchNorm layer in
+        # inference mode (trainable=False in Keras) may still train γ/β.
+        self._stage_paths = None
+        self.l2sp_alpha = 0.0
+        self._reference = None  # pretrained weights, for L2-SP and drift
 
     @property
     def image_size(self) -> int:
@@ -97,6 +103,68 @@ class Classifier(keras.Model):
         paths = set(self._tunable_paths)
         return [v for v in self.weights if v.path in paths]
 
+    def refresh_tunable(self) -> None:
+        """Adds variables created since construction (e.g. LoRA adapters).
+
+        Call before `compile()`: the optimizer is built over this set once.
+        """
+        known = set(self._tunable_paths)
+        self._tunable_paths += [
+            v.path for v in self.weights if v.trainable and v.path not in known
+        ]
+
+    def set_stage_variables(self, variables) -> None:
+        """Sets the variables the train step updates (see `keras_ft.freezing`)."""
+        tunable = set(self._tunable_paths)
+        outside = [v.path for v in variables if v.path not in tunable]
+        if outside:
+            raise ValueError(f"Not tunable variables: {outside[:5]}")
+        self._stage_paths = {v.path for v in variables}
+
+    def stage_variables(self) -> list:
+        """The variables the next train step updates, in model order."""
+        if self._stage_paths is None:
+            return self.trainable_variables
+        return [v for v in self.tunable_variables() if v.path in self._stage_paths]
+
+    def snapshot_reference(self) -> list:
+        """Stores a copy of the backbone's current weights as the reference θ0.
+
+        Used by L2-SP (`l2sp_alpha`) and the per-block drift report. Call once,
+        right after the pretrained weights are loaded (under the strategy
+        scope if there is one). Returns the reference variables, for
+        checkpointing.
+        """
+        if self._reference is None:
+            tunable = set(self._tunable_paths)
+            self._reference = _Reference(
+                {
+                    v.path: keras.Variable(
+                        v.numpy(), trainable=False, name="reference", dtype=v.dtype
+                    )
+                    for v in self.backbone.weights
+                    if v.path in tunable
+                }
+            )
+        return list(self._reference.by_path.values())
+
+    def reference_of(self, variable):
+        """The reference copy θ0 of a backbone variable, or None."""
+        if self._reference is None:
+            return None
+        return self._reference.by_path.get(variable.path)
+
+    def l2sp_penalty(self, variables):
+        """alpha/2 * sum ||θ - θ0||^2 over the given backbone variables."""
+        terms = []
+        for v in variables:
+            ref = self.reference_of(v)
+            if ref is not None:
+                terms.append(tf.reduce_sum(tf.square(v.value - ref.value)))
+        if not terms:
+            return tf.constant(0.0)
+        return 0.5 * self.l2sp_alpha * tf.add_n(terms)
+
     def compile(self, optimizer="rmsprop", *args, **kwargs):
         super().compile(optimizer, *args, **kwargs)
         # Built now, under the caller's strategy scope, over all tunable
@@ -106,7 +174,7 @@ class Classifier(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        variables = self.trainable_variables
+        variables = self.stage_variables()
         # Only the trainable variables are watched, so the tape records no op
         # of a frozen prefix: nothing is back-propagated below the lowest
         # trainable layer, in eager mode as in graphs.
@@ -119,6 +187,12 @@ class Classifier(keras.Model):
             loss = self.compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
             )
+            if self.l2sp_alpha:
+                if self._reference is None:
+                    raise ValueError("l2sp_alpha needs snapshot_reference() first.")
+                # Per replica, like the loss: gradients are summed over replicas.
+                replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+                loss = loss + self.l2sp_penalty(variables) / replicas
             scaled_loss = self.optimizer.scale_loss(loss)
         if variables:
             grads = tape.gradient(scaled_loss, tf_variables)
@@ -161,6 +235,13 @@ class Classifier(keras.Model):
         name = config.pop("backbone_name")
         backbone = backbones.build(name, config.pop("image_size"), weights=None)
         return cls(backbone, backbone_name=name, **config)
+
+
+class _Reference:
+    """Holds θ0 outside Keras' tracking, so exports do not carry a copy."""
+
+    def __init__(self, by_path: dict):
+        self.by_path = by_path
 
 
 def build_classifier(

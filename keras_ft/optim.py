@@ -3,12 +3,12 @@
 The update applied to every trainable variable θ with gradient g is
 
     v ← μ·v + g
-    η = lr_scale · schedule(step)
     θ ← θ − η·λ·θ − η·v            (plain momentum)
     θ ← θ − η·λ·θ − η·(g + μ·v)    (Nesterov)
 
-with learning rate η, momentum μ and decoupled weight decay λ (Loshchilov &
-Hutter, 2019). This is the form used by PyTorch and by the fine-tuning papers
+with momentum μ, decoupled weight decay λ (Loshchilov & Hutter, 2019) and
+learning rate η = schedule(step) · lr_scale (the freezing stage's) · the
+variable's multiplier (discriminative fine-tuning, `set_lr_multipliers`). This is the form used by PyTorch and by the fine-tuning papers
 keras_ft follows (BiT, ULMFiT); Keras' own `SGD` folds η into the velocity,
 which changes the effective step whenever a schedule changes η.
 
@@ -62,6 +62,7 @@ class SGD(keras.optimizers.Optimizer):
         self.momentum = momentum
         self.nesterov = bool(nesterov)
         self.decoupled_weight_decay = float(weight_decay)
+        self._multipliers = {}  # variable index -> learning-rate multiplier
 
     def build(self, variables):
         if self.built:
@@ -78,8 +79,27 @@ class SGD(keras.optimizers.Optimizer):
                 self.add_variable_from_reference(v, "momentum") for v in variables
             ]
 
+    def set_lr_multipliers(self, multipliers) -> None:
+        """Per-variable learning-rate multipliers, by variable path (others 1).
+
+        Discriminative fine-tuning: lower blocks learn more slowly. The values
+        are constants of the traced train step: retrace it after a change
+        (`model.make_train_function(force=True)`; `StageSchedule` does so).
+        """
+        if not self.built:
+            raise ValueError("Build the optimizer (compile the model) before setting multipliers.")
+        by_path = {v.path: i for i, v in enumerate(self._trainable_variables)}
+        unknown = set(multipliers) - set(by_path)
+        if unknown:
+            raise ValueError(f"No optimizer variable for path(s): {sorted(unknown)[:5]}")
+        self._multipliers = {by_path[p]: float(m) for p, m in multipliers.items() if m != 1.0}
+
     def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(ops.multiply(learning_rate, self.lr_scale), variable.dtype)
+        multiplier = self._multipliers.get(self._get_variable_index(variable), 1.0)
+        lr = ops.cast(
+            ops.multiply(ops.multiply(learning_rate, self.lr_scale), multiplier),
+            variable.dtype,
+        )
         g = ops.cast(gradient, variable.dtype)
         if self.decoupled_weight_decay and len(variable.shape) > 1:
             wd = ops.cast(self.decoupled_weight_decay, variable.dtype)

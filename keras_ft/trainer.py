@@ -25,7 +25,7 @@ import ml_collections
 from absl import logging
 
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
-from keras_ft import freezing, model as model_lib, optim
+from keras_ft import freezing, model as model_lib, optim, stages as stages_lib
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"resume"})
@@ -99,7 +99,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     keras.utils.set_random_seed(config.seed)
     spec = backbones.get(config.model.backbone)
     image_size = config.model.image_size or spec.default_size
-    stages = freezing.parse_stages(config.freeze.stages)
+    stages = stages_lib.parse(config.freeze.stages)
     resolved = config.to_dict()
     resolved["model"]["image_size"] = image_size
     os.makedirs(workdir, exist_ok=True)
@@ -162,6 +162,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             dropout=config.model.dropout,
             class_names=dataset.class_names,
         )
+        if config.freeze.method == "lora":
+            deepest = -1 if any(s.blocks == -1 for s in stages) else max(s.blocks for s in stages)
+            adapted = freezing.enable_lora(model, config.freeze.lora_rank, deepest)
+            logging.info("LoRA rank %d on %d layers.", config.freeze.lora_rank, adapted)
+        # θ0 for L2-SP and the drift report: the weights as loaded.
+        reference = model.snapshot_reference()
+        model.l2sp_alpha = config.optimizer.l2sp
         model.compile(
             optimizer=optim.SGD(
                 learning_rate,
@@ -179,10 +186,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         keep=config.checkpoint.keep,
         model=model,
         optimizer=model.optimizer,
+        reference=reference,
     )
     state = manager.restore_latest() if config.resume else None
     history = state["history"] if state else []
     initial_epoch = state["epoch"] if state else 0
+    if config.freeze.batchnorm == "reestimate" and initial_epoch == 0:
+        used = freezing.reestimate_batchnorm(
+            model,
+            data.make_dataset(train_set, image_size, batch, training=False),
+            config.freeze.reestimate_batches,
+        )
+        logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
+    block_lr = None
+    if config.freeze.lr_decay != 1.0:
+        num_blocks = len(backbones.block_map(model.backbone, config.model.backbone))
+        block_lr = stages_lib.block_lr_multipliers(num_blocks, config.freeze.lr_decay)
+
     # The training stream is a pure function of the seed: skipping the batches
     # of finished epochs continues it exactly where the last run stopped.
     train_ds = data.make_dataset(
@@ -198,8 +218,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         def on_epoch_end(self, epoch, logs=None):
             _write_history(history_path, history)
 
+    schedule = freezing.StageSchedule(
+        stages, config.freeze.method, config.freeze.batchnorm, block_lr
+    )
     fit_callbacks = [
-        freezing.StageSchedule(stages, config.freeze.batchnorm),
+        schedule,
+        freezing.BlockDrift(),
         callbacks.StopOnNonFiniteLoss(),
         throughput,
         checkpoint.EpochCheckpoint(manager, history),
@@ -237,6 +261,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_classes": len(dataset.class_names),
         "replicas": strategy.num_replicas_in_sync,
     }
+    if schedule.info is not None:
+        metrics["trainable_params"] = schedule.info.trainable_params
+        metrics["trainable_fraction"] = schedule.info.fraction
     if config.export.enabled:
         path = export.export_saved_model(
             model, os.path.join(workdir, "export"), dataset.class_names, image_size

@@ -57,8 +57,8 @@ def test_workdir_contract_and_resume(tmp_path, images):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["ckpt-000001", "ckpt-000002"]
     assert os.listdir(workdir / "tensorboard")
     # The stage schedule ran: head first, then the top two blocks.
-    assert "Stage 1/2 from epoch 1: head only" in result.stderr
-    assert "Stage 2/2 from epoch 2: top 2 block(s)" in result.stderr
+    assert "Stage 1/2 at epoch 1: head only" in result.stderr
+    assert "Stage 2/2 at epoch 2: top 2 block(s)" in result.stderr
 
     served = tf.saved_model.load(str(workdir / "export"))
     assert {"serving_default", "serving_uint8"} <= set(served.signatures)
