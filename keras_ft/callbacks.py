@@ -6,6 +6,7 @@ import math
 import time
 
 import keras
+from absl import logging
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -67,3 +68,42 @@ class Throughput(keras.callbacks.Callback):
         if not self.steps:
             return float("nan")
         return self.steps * self.batch_size / self.seconds
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Logs one line per epoch, and a line every `every_seconds` within long ones.
+
+    Only scalar metrics without a "/" in their name are shown (per-block drift
+    and the like go to history.csv and TensorBoard, not the console).
+
+    Args:
+        epochs: the run's total number of epochs, for "epoch 3/10".
+        every_seconds: interval of in-epoch progress lines.
+    """
+
+    def __init__(self, epochs: int, every_seconds: float = 30.0):
+        super().__init__()
+        self.epochs = epochs
+        self.every_seconds = every_seconds
+
+    @staticmethod
+    def _format(logs) -> str:
+        return " ".join(
+            f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items()) if "/" not in k
+        )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if now - self._last >= self.every_seconds:
+            self._last = now
+            steps = self.params.get("steps") or "?"
+            logging.info("epoch %d/%d step %d/%s: %s", self._epoch + 1, self.epochs,
+                         batch + 1, steps, self._format(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logging.info("epoch %d/%d done in %.1fs: %s", epoch + 1, self.epochs,
+                     time.perf_counter() - self._start, self._format(logs))

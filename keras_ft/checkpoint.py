@@ -111,13 +111,15 @@ class EpochCheckpoint(keras.callbacks.Callback):
     Args:
         manager: the `CheckpointManager` to save with.
         history: the list of per-epoch log dicts to store (and extend).
+        extra: more JSON-able state to store with every checkpoint.
     """
 
-    def __init__(self, manager: CheckpointManager, history: list[dict]):
+    def __init__(self, manager: CheckpointManager, history: list[dict], extra: dict | None = None):
         super().__init__()
         self.manager = manager
         self.history = history
+        self.extra = dict(extra or {})
 
     def on_epoch_end(self, epoch, logs=None):
         self.history.append({k: float(v) for k, v in (logs or {}).items()})
-        self.manager.save(epoch + 1, {"history": self.history})
+        self.manager.save(epoch + 1, dict(self.extra, history=self.history))

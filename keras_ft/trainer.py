@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 
 import keras
@@ -87,6 +86,91 @@ def _set_aside_old_run(workdir: str) -> None:
         logging.warning("resume=False: previous checkpoints moved to %s.", aside)
 
 
+def learning_rate_schedule(optimizer: ml_collections.ConfigDict, total_steps: int):
+    """The learning rate (schedule) of the `optimizer` sub-config."""
+    if optimizer.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            optimizer.learning_rate, decay_steps=total_steps
+        )
+    if optimizer.schedule == "constant":
+        return optimizer.learning_rate
+    raise ValueError(
+        f"Unknown optimizer.schedule {optimizer.schedule!r}. "
+        "Choose one of: constant, cosine."
+    )
+
+
+def build_model(
+    config: ml_collections.ConfigDict,
+    class_names: list[str],
+    image_size: int,
+    stages: list,
+    total_steps: int,
+    load_weights: bool = True,
+) -> model_lib.Classifier:
+    """The compiled classifier of `config` (call under the strategy's scope).
+
+    With `load_weights=False` the backbone starts random: for restoring a
+    checkpoint, which holds every weight.
+    """
+    weights = config.model.weights if load_weights else None
+    model = model_lib.build_classifier(
+        config.model.backbone,
+        num_classes=len(class_names),
+        image_size=image_size,
+        weights=None if str(weights).lower() == "none" else weights,
+        weights_sha256=config.model.weights_sha256 or None,
+        dropout=config.model.dropout,
+        class_names=class_names,
+    )
+    if config.freeze.method == "lora":
+        deepest = -1 if any(s.blocks == -1 for s in stages) else max(s.blocks for s in stages)
+        adapted = freezing.enable_lora(model, config.freeze.lora_rank, deepest)
+        logging.info("LoRA rank %d on %d layers.", config.freeze.lora_rank, adapted)
+    model.l2sp_alpha = config.optimizer.l2sp
+    model.compile(
+        optimizer=optim.SGD(
+            learning_rate_schedule(config.optimizer, total_steps),
+            momentum=config.optimizer.momentum,
+            nesterov=config.optimizer.nesterov,
+            weight_decay=config.optimizer.weight_decay,
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
+    """The classifier of a workdir with its newest checkpoint's weights.
+
+    Returns:
+        The model (compiled, on the default strategy) and the checkpoint's
+        state: `epoch`, `history`, `class_names`.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{workdir} has no config.json: is it a keras_ft workdir?")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    manager_dir = os.path.join(workdir, "checkpoints")
+    paths = checkpoint.CheckpointManager(manager_dir).all() if os.path.isdir(manager_dir) else []
+    if not paths:
+        raise ValueError(f"{workdir} has no checkpoint yet: train first.")
+    with open(os.path.join(paths[-1], checkpoint.STATE_FILE)) as f:
+        class_names = json.load(f)["class_names"]
+    stages = stages_lib.parse(config.freeze.stages)
+    model = build_model(config, class_names, config.model.image_size, stages, 1, load_weights=False)
+    manager = checkpoint.CheckpointManager(
+        manager_dir, model=model, optimizer=model.optimizer,
+        reference=model.snapshot_reference(),
+    )
+    state = manager.restore_latest()
+    if state is None:
+        raise ValueError(f"No readable checkpoint in {manager_dir}.")
+    return model, state
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the training job of `config` in `workdir`.
 
@@ -141,44 +225,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ------------------------------------------------------------------- model
     total_steps = config.train.epochs * steps_per_epoch
-    if config.optimizer.schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            config.optimizer.learning_rate, decay_steps=total_steps
-        )
-    elif config.optimizer.schedule == "constant":
-        learning_rate = config.optimizer.learning_rate
-    else:
-        raise ValueError(
-            f"Unknown optimizer.schedule {config.optimizer.schedule!r}. "
-            "Choose one of: constant, cosine."
-        )
     with strategy.scope():
-        model = model_lib.build_classifier(
-            config.model.backbone,
-            num_classes=len(dataset.class_names),
-            image_size=image_size,
-            weights=None if str(config.model.weights).lower() == "none" else config.model.weights,
-            weights_sha256=config.model.weights_sha256 or None,
-            dropout=config.model.dropout,
-            class_names=dataset.class_names,
-        )
-        if config.freeze.method == "lora":
-            deepest = -1 if any(s.blocks == -1 for s in stages) else max(s.blocks for s in stages)
-            adapted = freezing.enable_lora(model, config.freeze.lora_rank, deepest)
-            logging.info("LoRA rank %d on %d layers.", config.freeze.lora_rank, adapted)
-        # θ0 for L2-SP and the drift report: the weights as loaded.
-        reference = model.snapshot_reference()
-        model.l2sp_alpha = config.optimizer.l2sp
-        model.compile(
-            optimizer=optim.SGD(
-                learning_rate,
-                momentum=config.optimizer.momentum,
-                nesterov=config.optimizer.nesterov,
-                weight_decay=config.optimizer.weight_decay,
-            ),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        model = build_model(config, dataset.class_names, image_size, stages, total_steps)
+        reference = model.snapshot_reference()  # θ0: the weights as loaded
 
     # ------------------------------------------------------------------ resume
     manager = checkpoint.CheckpointManager(
@@ -226,9 +275,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         freezing.BlockDrift(),
         callbacks.StopOnNonFiniteLoss(),
         throughput,
-        checkpoint.EpochCheckpoint(manager, history),
+        checkpoint.EpochCheckpoint(manager, history, {"class_names": dataset.class_names}),
         _WriteHistory(),
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+        callbacks.ProgressLog(config.train.epochs),
     ]
     if initial_epoch < config.train.epochs:
         logging.info(
@@ -242,7 +292,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             initial_epoch=initial_epoch,
             steps_per_epoch=steps_per_epoch,
             callbacks=fit_callbacks,
-            verbose=1 if sys.stdout.isatty() else 2,
+            shuffle=False,  # the stream is already shuffled, by seed and pass
+            verbose=0,  # ProgressLog prints the lines that matter
         )
     else:
         logging.info("All %d epochs are done; evaluating and exporting.", config.train.epochs)
