@@ -172,6 +172,11 @@ class Classifier(keras.Model):
         if not self.optimizer.built:
             self.optimizer.build(self.tunable_variables())
 
+    def compile_from_config(self, config):
+        # Keras skips compiling on load when `compile` is overridden; ours
+        # only adds the optimizer build, so loading compiles as usual.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.stage_variables()

@@ -32,7 +32,10 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        text = str(e).replace("\\n", " ").replace("\\'", "")
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # a config file raised
+            text = text.strip().splitlines()[-1]
+        text = text.replace("\\n", " ").replace("\\'", "")
         message = " ".join(text.split()).strip("'\"")
         kind = "unknown config key" if isinstance(e, AttributeError) else "bad flags"
         print(f"error: {kind}: {message}", file=sys.stderr)

@@ -232,3 +232,22 @@ def test_l2sp_pulls_toward_pretrained_weights():
             for v in model.backbone.weights if model.reference_of(v) is not None
         ))
     assert drifts[1] < 0.5 * drifts[0]
+
+
+def test_schedule_alongside_keras_callbacks_and_keras_file_roundtrip(tmp_path):
+    model = make_model()
+    x, y = batch(16)
+    model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, validation_data=(x, y),
+        callbacks=[
+            freezing.StageSchedule(stages.lp_ft(probe_epochs=1), bn_policy="frozen"),
+            keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="val_loss"),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=3),
+            keras.callbacks.TensorBoard(str(tmp_path / "tb")),
+        ],
+    )
+    assert (tmp_path / "best.keras").exists() and list((tmp_path / "tb").iterdir())
+    model.save(tmp_path / "last.keras")
+    loaded = keras.saving.load_model(tmp_path / "last.keras", safe_mode=True)
+    assert isinstance(loaded, keras_ft.Classifier) and loaded.backbone_name == "mobilenet_v2"
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
