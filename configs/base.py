@@ -42,11 +42,31 @@ def get_config(arg=None):
     config.train.steps_per_epoch = 0  # 0 = one pass over the training set
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 0.01  # peak SGD learning rate
+    # Peak SGD learning rate: a positive number, or "auto" = run the LR range
+    # test (keras_ft.lr_finder) on the first stage before training and use its
+    # valley suggestion (saved in WORKDIR/lr_find/, reused on resume). Typed
+    # `object` so the flag takes either; the trainer rejects anything else.
+    config.optimizer.learning_rate = ml_collections.FieldReference(0.01, field_type=object)
     config.optimizer.momentum = 0.9  # v <- momentum * v + g
     config.optimizer.nesterov = False
     config.optimizer.weight_decay = 0.0  # decoupled; skips biases and BatchNorm
-    config.optimizer.schedule = "cosine"  # "constant" or "cosine" (to 0 at the end)
+    config.optimizer.schedule = "cosine"  # keras_ft.schedules: "constant",
+    #   "cosine" (to 0 at the end), "warmup_cosine" (linear warmup, then cosine),
+    #   "step" (warmup, then x decay_factor at decay_boundaries: BiT), "stlr"
+    #   (ULMFiT's slanted triangular: short rise, long linear decay)
+    config.optimizer.warmup_steps = 0  # linear warmup from 0 over this many steps
+    #   ("constant", "step"; "warmup_cosine" needs > 0; "cosine"/"stlr": keep 0)
+    config.optimizer.decay_boundaries = (0.3, 0.6, 0.9)  # "step": fractions of the
+    #   run at which the rate is multiplied by decay_factor (BiT-HyperRule)
+    config.optimizer.decay_factor = 0.1  # "step": the multiplier at each boundary
+    config.optimizer.stlr_cut_frac = 0.1  # "stlr": share of the run spent rising
+    config.optimizer.stlr_ratio = 32.0  # "stlr": peak rate / lowest rate (ULMFiT)
+    config.optimizer.lr_find = ml_collections.ConfigDict()  # the LR range test
+    #   (launch.lr_find and learning_rate="auto")
+    config.optimizer.lr_find.start_lr = 1e-5  # first step's learning rate
+    config.optimizer.lr_find.end_lr = 10.0  # last step's; stops early on divergence
+    config.optimizer.lr_find.steps = 100  # steps (batches of the training stream)
+    config.optimizer.clip_norm = 0.0  # clip gradients to this global norm; 0 = off
     config.optimizer.l2sp = 0.0  # L2-SP alpha: adds alpha/2 * ||θ - θ0||^2 over
     #   the trained backbone weights, θ0 = the pretrained ones (Li et al., 2018)
 

@@ -6,11 +6,18 @@ Signatures:
 Both resize exactly as training and evaluation do (`data.resize_image`), run
 the backbone's own preprocessing (inside the model), and return
 `probabilities` float32 [N, C] and `classes` string [N] (top-1 class names).
-Loading needs TensorFlow only: `tf.saved_model.load(path)`, TF Serving or
-`saved_model_cli`.
+All class names, in label order, are stored too: `loaded.class_names[0]`, a
+string variable [C] (for top-k names). Loading needs TensorFlow only:
+`tf.saved_model.load(path)`, TF Serving or `saved_model_cli`.
 
-The export is written into a temporary folder and renamed into place, so a
-crash never leaves a half-written export under the final name.
+TFLite (`export_tflite`): float32 model of the uint8 path for images already
+resized to S x S (any batch size), output `probabilities` [N, C], with the
+class names in `labels.txt` next to it. TFLite has no builtin for the
+antialiased resize, so the caller resizes; `tflite_parity` checks it against
+the SavedModel.
+
+Every file and folder is written under a temporary name and renamed into
+place, so a crash never leaves a half-written export under the final name.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_ft import data
@@ -56,6 +65,11 @@ def export_saved_model(
     archive.track(model)
     archive.add_endpoint("serving_default", serve_bytes)
     archive.add_endpoint("serving_uint8", serve_uint8)
+    # A variable, not a constant: it survives loading as an attribute, so a
+    # client can name the top-k classes without keras_ft.
+    archive.add_variable_collection(
+        "class_names", [tf.Variable(names, trainable=False, name="class_names")]
+    )
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -73,3 +87,100 @@ def export_saved_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# Float32 TFLite against TensorFlow: the kernels differ (XNNPACK, fused
+# BatchNorm), measured ~1e-6 on MobileNetV2; 1e-4 leaves room for deeper nets.
+TFLITE_TOLERANCE = 1e-4
+TFLITE_FILE = "model.tflite"
+LABELS_FILE = "labels.txt"
+
+
+def export_tflite(
+    model: keras.Model, path: str, class_names: Sequence[str], image_size: int
+) -> str:
+    """Writes a float32 TFLite model of the uint8 serving path to `path`.
+
+    Input `images` uint8 [N, S, S, 3] (S = `image_size`; N is dynamic: resize
+    the interpreter's input to the batch), output `probabilities` float32
+    [N, C]. Class names go to `labels.txt` in the same folder, one a line.
+
+    The model is first written as a SavedModel with this one fixed-size
+    signature and converted from there: converting the concrete function
+    with the Keras model as `trackable_obj` gave NaN outputs (TF 2.21, Keras
+    3.15.1: the TFLite READ_VARIABLE ops found no initialized variables).
+    """
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, name="images")
+        ]
+    )
+    def serve(images):
+        logits = model(tf.cast(images, tf.float32), training=False)
+        return {"probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tflite-", dir=parent)
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serving_default", serve)
+        archive.write_out(os.path.join(staging, "saved_model"), verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            os.path.join(staging, "saved_model")
+        )
+        flatbuffer = converter.convert()
+        labels = "".join(f"{name}\n" for name in class_names)
+        _write_atomic(os.path.join(parent, LABELS_FILE), labels.encode())
+        _write_atomic(path, flatbuffer)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _write_atomic(path: str, content: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
+    """Probabilities [N, C] of the TFLite model at `path` on uint8 [N, S, S, 3]."""
+    with warnings.catch_warnings():  # "use ai_edge_litert": not a dependency here
+        warnings.simplefilter("ignore", UserWarning)
+        interpreter = tf.lite.Interpreter(model_path=path)
+    (inp,) = interpreter.get_input_details()
+    interpreter.resize_tensor_input(inp["index"], images.shape, strict=True)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], np.asarray(images, np.uint8))
+    interpreter.invoke()
+    (out,) = interpreter.get_output_details()
+    return interpreter.get_tensor(out["index"])
+
+
+def tflite_parity(tflite_path: str, saved_model_path: str, images: np.ndarray) -> float:
+    """Max |probability difference| of TFLite vs the SavedModel's `serving_uint8`.
+
+    Args:
+        tflite_path: a file written by `export_tflite`.
+        saved_model_path: the SavedModel of the same model.
+        images: uint8 [N, S, S, 3] at the model's input size (there the
+            SavedModel's resize is the identity, to ~1e-6).
+
+    Returns:
+        The largest absolute difference over all images and classes; compare
+        it with `TFLITE_TOLERANCE`.
+    """
+    served = tf.saved_model.load(saved_model_path)
+    expected = served.signatures["serving_uint8"](images=tf.constant(images, tf.uint8))
+    got = run_tflite(tflite_path, images)
+    return float(np.max(np.abs(got - expected["probabilities"].numpy())))

@@ -24,7 +24,8 @@ import ml_collections
 from absl import logging
 
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
-from keras_ft import freezing, model as model_lib, optim, stages as stages_lib
+from keras_ft import freezing, lr_finder, model as model_lib, optim, schedules
+from keras_ft import stages as stages_lib
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"resume"})
@@ -86,17 +87,54 @@ def _set_aside_old_run(workdir: str) -> None:
         logging.warning("resume=False: previous checkpoints moved to %s.", aside)
 
 
-def learning_rate_schedule(optimizer: ml_collections.ConfigDict, total_steps: int):
-    """The learning rate (schedule) of the `optimizer` sub-config."""
-    if optimizer.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(
-            optimizer.learning_rate, decay_steps=total_steps
+def learning_rate_schedule(
+    optimizer: ml_collections.ConfigDict, total_steps: int, learning_rate=None
+):
+    """The learning rate (schedule) of the `optimizer` sub-config.
+
+    Args:
+        optimizer: the `optimizer` sub-config (`schedule`, `warmup_steps`, ...).
+        total_steps: the run's optimizer steps.
+        learning_rate: the peak rate, in place of `optimizer.learning_rate`:
+            the range test's suggestion when that is "auto".
+
+    A constant rate without warmup stays a float (Keras keeps it as an
+    optimizer variable); everything else is a `keras_ft.schedules` object. An
+    "auto" rate always gives a schedule object, so the optimizer's variables
+    (and checkpoints) are the same before and after the suggestion is set;
+    until then its peak is a placeholder 1.0, as in `load_trained`, where the
+    learning rate plays no part.
+    """
+    auto = optimizer.learning_rate == "auto"
+    peak = optimizer.learning_rate if learning_rate is None else learning_rate
+    if peak == "auto":
+        peak = 1.0  # a placeholder until the range test's suggestion is set
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < float("inf"):
+        raise ValueError(
+            f"optimizer.learning_rate must be a positive number or 'auto', got {peak!r}."
         )
-    if optimizer.schedule == "constant":
-        return optimizer.learning_rate
-    raise ValueError(
-        f"Unknown optimizer.schedule {optimizer.schedule!r}. "
-        "Choose one of: constant, cosine."
+    peak, name, warmup = float(peak), optimizer.schedule, optimizer.warmup_steps
+    if name not in schedules.NAMES:
+        raise ValueError(
+            f"Unknown optimizer.schedule {name!r}. Choose one of: {', '.join(schedules.NAMES)}."
+        )
+    if warmup and name in ("cosine", "stlr"):
+        raise ValueError(
+            f"optimizer.warmup_steps={warmup} does not apply to schedule {name!r}: "
+            "use 'warmup_cosine', 'constant' or 'step', or warmup_steps=0."
+        )
+    if name == "warmup_cosine" and not warmup:
+        raise ValueError("optimizer.schedule='warmup_cosine' needs optimizer.warmup_steps > 0.")
+    if name == "constant":
+        return schedules.Constant(peak, warmup) if warmup or auto else peak
+    if name in ("cosine", "warmup_cosine"):
+        return schedules.WarmupCosine(peak, total_steps, warmup)
+    if name == "step":
+        return schedules.StepDecay(
+            peak, total_steps, warmup, optimizer.decay_boundaries, optimizer.decay_factor
+        )
+    return schedules.SlantedTriangular(
+        peak, total_steps, optimizer.stlr_cut_frac, optimizer.stlr_ratio
     )
 
 
@@ -106,14 +144,14 @@ def build_model(
     image_size: int,
     stages: list,
     total_steps: int,
-    load_weights: bool = True,
 ) -> model_lib.Classifier:
     """The compiled classifier of `config` (call under the strategy's scope).
 
-    With `load_weights=False` the backbone starts random: for restoring a
-    checkpoint, which holds every weight.
+    The configured weights are loaded even when a checkpoint will replace
+    them: they also decide the preprocessing and BatchNorm epsilon, which a
+    checkpoint does not hold.
     """
-    weights = config.model.weights if load_weights else None
+    weights = config.model.weights
     model = model_lib.build_classifier(
         config.model.backbone,
         num_classes=len(class_names),
@@ -134,11 +172,35 @@ def build_model(
             momentum=config.optimizer.momentum,
             nesterov=config.optimizer.nesterov,
             weight_decay=config.optimizer.weight_decay,
+            global_clipnorm=config.optimizer.clip_norm or None,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     return model
+
+
+def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A workdir's saved config over today's defaults (configs/base.py).
+
+    Keys added to keras_ft since the run was trained take their defaults;
+    keys that no longer exist are ignored with a warning.
+    """
+    from configs import base
+
+    config = base.get_config()
+    for key, value in _flatten(saved).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            logging.warning("Ignoring config key %s of the saved run (unknown today).", key)
+            continue
+        if isinstance(node[leaf], tuple) and isinstance(value, list):
+            value = tuple(value)
+        node[leaf] = value
+    return config
 
 
 def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
@@ -152,7 +214,7 @@ def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
     if not os.path.exists(config_path):
         raise ValueError(f"{workdir} has no config.json: is it a keras_ft workdir?")
     with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = _with_defaults(json.load(f))
     manager_dir = os.path.join(workdir, "checkpoints")
     paths = checkpoint.CheckpointManager(manager_dir).all() if os.path.isdir(manager_dir) else []
     if not paths:
@@ -160,7 +222,7 @@ def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
     with open(os.path.join(paths[-1], checkpoint.STATE_FILE)) as f:
         class_names = json.load(f)["class_names"]
     stages = stages_lib.parse(config.freeze.stages)
-    model = build_model(config, class_names, config.model.image_size, stages, 1, load_weights=False)
+    model = build_model(config, class_names, config.model.image_size, stages, 1)
     manager = checkpoint.CheckpointManager(
         manager_dir, model=model, optimizer=model.optimizer,
         reference=model.snapshot_reference(),
@@ -258,6 +320,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_set, image_size, batch, training=True, seed=config.seed,
         skip_batches=initial_epoch * steps_per_epoch,
     )
+
+    # ------------------------------------------- learning rate "auto" (range test)
+    if config.optimizer.learning_rate == "auto":
+        lr_dir = os.path.join(workdir, "lr_find")
+        if state is None:  # a fresh run: test the model as built, in stage 1
+            freezing.apply_stage(
+                model, stages[0], config.freeze.method, config.freeze.batchnorm, block_lr
+            )
+            found = lr_finder.find_learning_rate(
+                model,
+                data.make_dataset(train_set, image_size, batch, training=True, seed=config.seed),
+                config.optimizer.lr_find.start_lr,
+                config.optimizer.lr_find.end_lr,
+                config.optimizer.lr_find.steps,
+            )
+            lr_finder.save(found, lr_dir, f"stage 1, {stages[0].describe()}")
+            learning_rate = found.suggestion
+        else:  # resuming: the rate the run started with
+            learning_rate = lr_finder.load_suggestion(lr_dir)
+        model.optimizer.learning_rate = learning_rate_schedule(
+            config.optimizer, total_steps, learning_rate
+        )
+        model.make_train_function(force=True)  # the step was traced with the old rate
+        logging.info(
+            "optimizer.learning_rate=auto: %.4g, %s %s.", learning_rate,
+            "found by the range test in" if state is None else "resumed from", lr_dir,
+        )
 
     # --------------------------------------------------------------------- fit
     throughput = callbacks.Throughput(batch)

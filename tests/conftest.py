@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,3 +37,24 @@ def write_image_folder(root, counts, size=20, seed=0):
             with open(os.path.join(root, name, f"{i:03d}.{ext}"), "wb") as f:
                 f.write(blob.numpy())
     return str(root)
+
+
+def run_train(workdir, *overrides, config="configs/tiny.py"):
+    cmd = [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        cmd + list(overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """A small folder of real PNG/JPEG files in two classes."""
+    return write_image_folder(tmp_path_factory.mktemp("images"), {"dark": 10, "light": 10})
+
+
+def error_line(result):
+    """The one `error: ...` line a failed launch script printed."""
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]

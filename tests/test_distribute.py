@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_launch import images, run_train  # noqa: F401  (fixture)
+from conftest import run_train
 
 
 def _variables(path):
@@ -20,7 +20,7 @@ def _variables(path):
 
 
 @pytest.mark.slow
-def test_mirrored_two_replicas_matches_one_device(tmp_path, images):  # noqa: F811
+def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
     # configs/tiny.py switches stage at epoch 2 (head only -> top 2 blocks);
     # re-estimated BatchNorm statistics give the random backbone real gradients.
     common = [
@@ -51,7 +51,7 @@ def test_mirrored_two_replicas_matches_one_device(tmp_path, images):  # noqa: F8
     assert len(moved) > 6, moved
 
 
-def test_global_batch_must_divide_by_replicas(tmp_path, images):  # noqa: F811
+def test_global_batch_must_divide_by_replicas(tmp_path, images):
     result = run_train(
         tmp_path / "run", f"--config.data.source=folder:{images}",
         "--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2",

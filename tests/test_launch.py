@@ -4,33 +4,12 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, write_image_folder
-
-
-def run_train(workdir, *overrides, config="configs/tiny.py"):
-    cmd = [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(
-        cmd + list(overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("images"), {"dark": 10, "light": 10})
-
-
-def _error_line(result):
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    return lines[0]
+from conftest import error_line, run_train, write_image_folder
 
 
 @pytest.mark.slow
@@ -86,7 +65,7 @@ def test_workdir_contract_and_resume(tmp_path, images):
     # A changed config cannot silently resume.
     changed = run_train(workdir, source, "--config.optimizer.learning_rate=0.5")
     assert changed.returncode == 2
-    assert "optimizer.learning_rate: 0.01 -> 0.5" in _error_line(changed)
+    assert "optimizer.learning_rate: 0.01 -> 0.5" in error_line(changed)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +80,7 @@ def test_workdir_contract_and_resume(tmp_path, images):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, images, overrides, message):
     result = run_train(tmp_path / "run", f"--config.data.source=folder:{images}", *overrides)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert message in _error_line(result)
+    assert message in error_line(result)
     assert "Traceback" not in result.stderr
 
 
@@ -110,4 +89,4 @@ def test_empty_class_folder_is_one_line_and_exit_2(tmp_path):
     write_image_folder(tmp_path / "data", {"dogs": 4})
     result = run_train(tmp_path / "run", f"--config.data.source=folder:{tmp_path / 'data'}")
     assert result.returncode == 2
-    assert "cats" in _error_line(result) and "no image files" in _error_line(result)
+    assert "cats" in error_line(result) and "no image files" in error_line(result)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_launch import run_train
+from conftest import run_train
 
 
 @pytest.mark.slow

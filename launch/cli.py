@@ -1,0 +1,50 @@
+"""What every `launch.*` script shares: exit codes, one-line errors, flags.
+
+Exit codes:
+    0  success
+    1  an unexpected error (a bug: the traceback is printed)
+    2  bad input: flags, config, data, weights, workdir (one line on stderr)
+    3  launch.train: the training loss became NaN or infinite
+       launch.export: the TFLite model failed its parity check
+"""
+
+import sys
+
+from absl import flags
+
+EXIT_BAD_INPUT = 2
+
+# What user-facing mistakes raise in keras_ft: reported as one line, exit 2.
+INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
+def fail(message) -> int:
+    """Prints `error: message` (one line) on stderr; returns EXIT_BAD_INPUT."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"error: {text}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a misspelt or mistyped key as a one-line error."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        text = str(e)
+        if "Traceback (most recent call last)" in text:  # a config file raised
+            text = text.strip().splitlines()[-1]
+        text = text.replace("\\n", " ").replace("\\'", "").strip("'\"")
+        kind = "unknown config key" if isinstance(e, AttributeError) else "bad flags"
+        sys.exit(fail(f"{kind}: {text}"))
+
+
+def loaded_config(config_flag):
+    """The value of a `config_flags` flag; None (after a one-line error) if
+    its file failed to load (config_flags defers that error to first use)."""
+    try:
+        config = config_flag.value
+        config.get("seed")
+    except OSError as e:
+        fail(e)
+        return None
+    return config

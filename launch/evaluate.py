@@ -1,0 +1,161 @@
+"""Evaluates a run on its validation split: `python -m launch.evaluate`.
+
+    python -m launch.evaluate --workdir=/tmp/qs
+
+Rebuilds the validation split exactly as the trainer did (same source,
+`data.val_fraction` and seed), classifies it with the newest checkpoint and
+writes `WORKDIR/report/`:
+
+    report.md              accuracy, top-5, loss, ECE, per-class table, recipe
+    report.json            the same numbers, plus the confusion matrix and bins
+    confusion_matrix.png   counts, class names on both axes
+    reliability.png        reliability diagram (15 confidence bins)
+    training_curves.png    loss and accuracy per epoch, from history.csv
+
+Exit codes:
+    0  success
+    1  an unexpected error (a bug: the traceback is printed)
+    2  bad input: no such workdir, no checkpoint, data source gone (one line)
+"""
+
+import csv
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from launch import cli
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a keras_ft training run.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def recipe(config: dict, metrics: dict) -> dict:
+    """The settings a reader needs to reproduce the run, as display strings."""
+    from keras_ft import stages as stages_lib
+
+    model, opt, freeze = config["model"], config["optimizer"], config["freeze"]
+    stage_text = "; ".join(
+        (f"{s.epochs} epoch(s)" if s.epochs else f"{s.steps} step(s)") + f": {s.describe()}"
+        for s in stages_lib.parse(freeze["stages"])
+    )
+    momentum = f"momentum {opt['momentum']}" + (" (Nesterov)" if opt["nesterov"] else "")
+    return {
+        "backbone": model["backbone"],
+        "weights": model["weights"],
+        "image size": f"{model['image_size']} px",
+        "stages": stage_text,
+        "BatchNorm": freeze["batchnorm"],
+        "trained parameters": freeze["method"],
+        "learning rate": f"{opt['learning_rate']} ({opt['schedule']} schedule)",
+        "optimizer": f"SGD, {momentum}, weight decay {opt['weight_decay']}"
+        + (f", L2-SP {opt['l2sp']}" if opt.get("l2sp") else ""),
+        "batch size (global)": config["train"]["global_batch_size"],
+        "epochs": config["train"]["epochs"],
+        "data source": config["data"]["source"],
+        "train / validation images": f"{metrics.get('train_images', '?')} / "
+        f"{metrics.get('val_images', '?')} (val_fraction {config['data']['val_fraction']}, "
+        f"seed {config['seed']})",
+        "trainer's val_accuracy (metrics.json)": metrics.get("val_accuracy", "?"),
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    workdir = _WORKDIR.value
+    if not os.path.isdir(workdir):
+        return cli.fail(f"workdir {workdir} does not exist.")
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ft import data, report, trainer  # after the checks: TF is slow to import
+
+    try:
+        model, state = trainer.load_trained(workdir)
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = json.load(f)
+        images = data.load_source(config["data"]["source"])
+        _, val = data.split(images, config["data"]["val_fraction"], config["seed"])
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(e)
+    if images.class_names != state["class_names"]:
+        return cli.fail(
+            f"the data source's classes {images.class_names} differ from the "
+            f"model's {state['class_names']}; the data changed since training."
+        )
+    metrics_path = os.path.join(workdir, "metrics.json")
+    metrics = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+
+    batch = config["train"]["global_batch_size"]
+    val_ds = data.make_dataset(val, model.image_size, batch, training=False)
+    probabilities = np.concatenate(
+        [tf.nn.softmax(model(x, training=False), axis=-1).numpy() for x, _ in val_ds]
+    )
+    result = {
+        "workdir": os.path.abspath(workdir),
+        "split": "validation",
+        "checkpoint": f"checkpoints/ckpt-{state['epoch']:06d} (epoch {state['epoch']})",
+        **report.evaluate(val.labels, probabilities, state["class_names"]),
+        "recipe": recipe(config, metrics),
+        "figures": {},
+        "notes": [],
+    }
+
+    out_dir = os.path.join(workdir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    figures = result["figures"]
+    figures["confusion_matrix"] = "confusion_matrix.png"
+    report.plot_confusion_matrix(
+        result["confusion_matrix"], state["class_names"],
+        os.path.join(out_dir, "confusion_matrix.png"),
+    )
+    figures["reliability"] = "reliability.png"
+    report.plot_reliability(result["calibration"], os.path.join(out_dir, "reliability.png"))
+    history_path = os.path.join(workdir, "history.csv")
+    if os.path.exists(history_path):
+        with open(history_path) as f:
+            rows = list(csv.DictReader(f))
+        figures["training_curves"] = "training_curves.png"
+        report.plot_history(rows, os.path.join(out_dir, "training_curves.png"))
+    else:
+        result["notes"].append("No history.csv in the workdir: no training curves.")
+    trained = metrics.get("val_accuracy")
+    if trained is not None and abs(trained - result["accuracy"]) > 1e-6:
+        # Same checkpoint, same split: only a changed model or data gets here.
+        warning = (
+            f"Accuracy {result['accuracy']:.4f} differs from the trainer's val_accuracy "
+            f"{trained:.4f} (metrics.json) on the same split: the model restored from "
+            "the checkpoint or the data is not what was trained and evaluated."
+        )
+        result["notes"].insert(0, f"**Warning**: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(val) < 100:
+        result["notes"].append(
+            f"Only {len(val)} validation images: each one moves accuracy by "
+            f"{1 / len(val):.3f}, and most calibration bins are empty."
+        )
+
+    for name, text in (
+        ("report.json", json.dumps(result, indent=2) + "\n"),
+        ("report.md", report.render_markdown(result)),
+    ):
+        tmp = os.path.join(out_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
+    print(
+        f"Validation ({len(val)} images): accuracy {result['accuracy']:.4f}, "
+        f"ECE {result['calibration']['ece']:.4g}. Report: {os.path.join(out_dir, 'report.md')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

@@ -1,0 +1,99 @@
+"""Re-exports a run's newest checkpoint: `python -m launch.export`.
+
+    python -m launch.export --workdir=/tmp/qs [--tflite]
+
+Writes `WORKDIR/export/` (SavedModel, both serving signatures) from the
+newest checkpoint. With `--tflite` it also writes `export/model.tflite`
+(float32, uint8 input [N, S, S, 3] already resized to the model's side S)
+and `export/labels.txt`, then runs both on the same images and prints the
+largest probability difference; above the tolerance the .tflite is removed.
+
+Exit codes:
+    0  success
+    1  an unexpected error (a bug: the traceback is printed)
+    2  bad input: no such workdir, no checkpoint (one line on stderr)
+    3  the TFLite model disagrees with the SavedModel beyond the tolerance
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from launch import cli
+
+EXIT_TFLITE_PARITY = 3
+PARITY_IMAGES = 16
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a keras_ft training run.")
+_TFLITE = flags.DEFINE_bool("tflite", False, "Also write export/model.tflite and check it.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def parity_images(config: dict, image_size: int):
+    """Up to PARITY_IMAGES validation images as uint8 [N, S, S, 3].
+
+    The run's own validation images when its data source still loads, else
+    seeded noise (the parity check is about arithmetic, not accuracy).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ft import data
+
+    try:
+        images = data.load_source(config["data"]["source"])
+        _, val = data.split(images, config["data"]["val_fraction"], config["seed"])
+        batch = next(iter(data.make_dataset(val, image_size, PARITY_IMAGES, training=False)))[0]
+        return tf.cast(tf.round(batch), tf.uint8).numpy(), "validation images"
+    except (ValueError, OSError, tf.errors.OpError) as e:
+        logging.warning("Data source unavailable (%s); checking on noise images.", e)
+        rng = np.random.default_rng(0)
+        shape = (PARITY_IMAGES, image_size, image_size, 3)
+        return rng.integers(0, 256, shape, np.uint8), "noise images"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    workdir = _WORKDIR.value
+    if not os.path.isdir(workdir):
+        return cli.fail(f"workdir {workdir} does not exist.")
+    import json
+
+    from keras_ft import export, trainer  # after the checks: TF is slow to import
+
+    try:
+        model, state = trainer.load_trained(workdir)
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(e)
+    class_names = state["class_names"]
+    path = export.export_saved_model(
+        model, os.path.join(workdir, "export"), class_names, model.image_size
+    )
+    print(f"SavedModel of epoch {state['epoch']}: {path}")
+    if not _TFLITE.value:
+        return 0
+
+    tflite_path = export.export_tflite(
+        model, os.path.join(path, export.TFLITE_FILE), class_names, model.image_size
+    )
+    with open(os.path.join(workdir, "config.json")) as f:
+        images, kind = parity_images(json.load(f), model.image_size)
+    difference = export.tflite_parity(tflite_path, path, images)
+    tolerance = export.TFLITE_TOLERANCE
+    line = (
+        f"TFLite parity: max |probability difference| {difference:.2e} "
+        f"on {len(images)} {kind} (tolerance {tolerance:.0e})"
+    )
+    if not difference <= tolerance:  # NaN fails too
+        os.remove(tflite_path)
+        cli.fail(f"{line}; {tflite_path} removed.")
+        return EXIT_TFLITE_PARITY
+    print(f"TFLite model: {tflite_path}")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

@@ -1,0 +1,112 @@
+"""Runs the learning-rate range test of a config: `python -m launch.lr_find`.
+
+    python -m launch.lr_find --config=configs/quickstart.py --workdir=/tmp/qs_lr
+
+Builds the model and data exactly as `launch.train` would (same config file
+and overrides, same strategy), puts the model in its first freezing stage,
+runs `keras_ft.lr_finder.find_learning_rate` over the training stream
+(`optimizer.lr_find.*`), and writes
+
+    WORKDIR/lr_find/lr_find.csv    step, lr, loss, smoothed_loss
+    WORKDIR/lr_find/lr_find.png    the curve with both suggestions
+    WORKDIR/lr_find/lr_find.json   the suggestions (valley = "suggestion")
+
+then prints the suggestion. It trains nothing that is kept: the model is
+restored after the test and no checkpoint is written. Pass the value with
+`--config.optimizer.learning_rate=...`, or let `launch.train` run the test
+itself with `--config.optimizer.learning_rate=auto`.
+
+Runtime: about 15 s for configs/quickstart.py on 2 CPU cores (100 steps).
+Exit codes as `launch.train`: 0 success, 1 a bug, 2 bad input.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from launch import cli
+from launch import train  # noqa: F401  (defines the same --config and --workdir flags)
+
+FLAGS = flags.FLAGS
+
+
+def run(config, workdir: str) -> dict:
+    """The range test of `config`'s first stage; returns the saved summary."""
+    import keras
+
+    from keras_ft import backbones, data, distribute, freezing, lr_finder
+    from keras_ft import stages as stages_lib, trainer
+
+    if config.distribute.cpu_devices:
+        distribute.split_cpu(config.distribute.cpu_devices)
+    keras.utils.set_random_seed(config.seed)
+    image_size = config.model.image_size or backbones.get(config.model.backbone).default_size
+    stages = stages_lib.parse(config.freeze.stages)
+    strategy = distribute.create(config.distribute.strategy)
+    batch = config.train.global_batch_size
+    distribute.check_batch_size(batch, strategy)
+
+    dataset = data.load_source(config.data.source)
+    train_set, _ = data.split(dataset, config.data.val_fraction, config.seed)
+    if len(train_set) < batch:
+        raise ValueError(
+            f"The training split has {len(train_set)} images, fewer than "
+            f"train.global_batch_size={batch}; lower the batch size."
+        )
+    steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
+    with strategy.scope():
+        # The schedule's length does not matter: the test replaces the rate.
+        model = trainer.build_model(
+            config, dataset.class_names, image_size, stages,
+            config.train.epochs * steps_per_epoch,
+        )
+    train_ds = data.make_dataset(train_set, image_size, batch, training=True, seed=config.seed)
+    if config.freeze.batchnorm == "reestimate":
+        freezing.reestimate_batchnorm(
+            model, data.make_dataset(train_set, image_size, batch, training=False),
+            config.freeze.reestimate_batches,
+        )
+    block_lr = None
+    if config.freeze.lr_decay != 1.0:
+        num_blocks = len(backbones.block_map(model.backbone, config.model.backbone))
+        block_lr = stages_lib.block_lr_multipliers(num_blocks, config.freeze.lr_decay)
+    freezing.apply_stage(model, stages[0], config.freeze.method, config.freeze.batchnorm, block_lr)
+
+    finder = config.optimizer.lr_find
+    test = lr_finder.find_learning_rate(
+        model, train_ds, finder.start_lr, finder.end_lr, finder.steps
+    )
+    directory = os.path.join(workdir, "lr_find")
+    title = f"{config.model.backbone}, stage 1: {stages[0].describe()}"
+    paths = lr_finder.save(
+        test, directory, title,
+        extra={"stage": 1, "global_batch_size": batch, "data": config.data.source},
+    )
+    summary = test.summary()
+    print(
+        f"Suggested learning rate (valley): {test.valley:.3g}; steepest descent: "
+        f"{test.steepest:.3g}; {summary['steps_run']} steps"
+        f"{', stopped on divergence' if test.diverged else ''}.\n"
+        f"Use --config.optimizer.learning_rate={test.valley:.3g} "
+        "(or =auto in launch.train).\n"
+        f"Wrote {', '.join(sorted(paths.values()))}"
+    )
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    config = cli.loaded_config(flags.FLAGS["config"])
+    if config is None:
+        return cli.EXIT_BAD_INPUT
+    try:
+        run(config, FLAGS.workdir)
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(e)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main, flags_parser=cli.parse_flags)
