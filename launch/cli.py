@@ -48,3 +48,20 @@ def loaded_config(config_flag):
         fail(e)
         return None
     return config
+
+
+def load_workdir(workdir: str):
+    """`(model, state)` of a trained workdir's newest checkpoint, or None
+    after a one-line error (no such folder, not a workdir, no checkpoint)."""
+    import os
+
+    if not os.path.isdir(workdir):
+        fail(f"workdir {workdir} does not exist.")
+        return None
+    from keras_ft import trainer  # after the checks: TensorFlow is slow to import
+
+    try:
+        return trainer.load_trained(workdir)
+    except INPUT_ERRORS as e:
+        fail(e)
+        return None

@@ -66,15 +66,16 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     workdir = _WORKDIR.value
-    if not os.path.isdir(workdir):
-        return cli.fail(f"workdir {workdir} does not exist.")
+    loaded = cli.load_workdir(workdir)
+    if loaded is None:
+        return cli.EXIT_BAD_INPUT
+    model, state = loaded
     import numpy as np
     import tensorflow as tf
 
-    from keras_ft import data, report, trainer  # after the checks: TF is slow to import
+    from keras_ft import data, report
 
     try:
-        model, state = trainer.load_trained(workdir)
         with open(os.path.join(workdir, "config.json")) as f:
             config = json.load(f)
         images = data.load_source(config["data"]["source"])

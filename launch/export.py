@@ -56,16 +56,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     workdir = _WORKDIR.value
-    if not os.path.isdir(workdir):
-        return cli.fail(f"workdir {workdir} does not exist.")
+    loaded = cli.load_workdir(workdir)
+    if loaded is None:
+        return cli.EXIT_BAD_INPUT
+    model, state = loaded
     import json
 
-    from keras_ft import export, trainer  # after the checks: TF is slow to import
-
-    try:
-        model, state = trainer.load_trained(workdir)
-    except cli.INPUT_ERRORS as e:
-        return cli.fail(e)
+    from keras_ft import export
     class_names = state["class_names"]
     path = export.export_saved_model(
         model, os.path.join(workdir, "export"), class_names, model.image_size
