@@ -35,6 +35,8 @@ def get_config(arg=None):
     config.data.source = "sample:lfw_faces"  # "folder:PATH" (a sub-folder per
     #   class) or "sample:NAME" (a small real set built from packaged files)
     config.data.val_fraction = 0.2  # share of each class held out, split by seed
+    config.data.bad_files = "skip"  # unreadable/truncated/non-image/oversized files:
+    #   "skip" (listed in the log and workdir/data_scan.json) or "fail" (stop)
 
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = 32  # summed over all replicas

@@ -4,6 +4,7 @@ This is the only module that reads the whole config; everything it calls
 takes explicit arguments. Workdir layout (the contract scripts rely on):
 
     config.json    the resolved config of the run
+    data_scan.json the check of every image file before training
     checkpoints/   atomic per-epoch checkpoints; a rerun resumes from them
     history.csv    one row per finished epoch
     tensorboard/   TensorBoard logs
@@ -25,7 +26,7 @@ from absl import logging
 
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
 from keras_ft import freezing, lr_finder, model as model_lib, optim, schedules
-from keras_ft import stages as stages_lib
+from keras_ft import stages as stages_lib, validate
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = frozenset({"resume"})
@@ -85,6 +86,26 @@ def _set_aside_old_run(workdir: str) -> None:
         aside = f"{old}.old-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(old, aside)
         logging.warning("resume=False: previous checkpoints moved to %s.", aside)
+
+
+def load_splits(data_config, seed: int):
+    """The data of a run, split as every entry point must split it.
+
+    Every file is checked first (`keras_ft.validate`): bad ones are skipped
+    and listed, or stop the run (`bad_files`), never dropped silently or met
+    halfway through an epoch. Then the seeded, stratified split.
+
+    Args:
+        data_config: the `data` sub-config (a ConfigDict or a saved dict).
+        seed: the run's seed.
+
+    Returns:
+        `(dataset, train_set, val_set, scan_report)`.
+    """
+    dataset = data.load_source(data_config["source"])
+    dataset, scan_report = validate.scan(dataset, policy=data_config.get("bad_files", "skip"))
+    train_set, val_set = data.split(dataset, data_config["val_fraction"], seed)
+    return dataset, train_set, val_set, scan_report
 
 
 def learning_rate_schedule(
@@ -269,8 +290,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
 
     # -------------------------------------------------------------------- data
-    dataset = data.load_source(config.data.source)
-    train_set, val_set = data.split(dataset, config.data.val_fraction, config.seed)
+    dataset, train_set, val_set, scan_report = load_splits(config.data, config.seed)
+    for line in scan_report.lines():
+        logging.info("%s", line)
+    with open(os.path.join(workdir, "data_scan.json"), "w") as f:
+        f.write(scan_report.to_json())
     batch = config.train.global_batch_size
     if len(train_set) < batch:
         raise ValueError(

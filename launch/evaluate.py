@@ -73,13 +73,12 @@ def main(argv):
     import numpy as np
     import tensorflow as tf
 
-    from keras_ft import data, report
+    from keras_ft import data, report, trainer
 
     try:
         with open(os.path.join(workdir, "config.json")) as f:
             config = json.load(f)
-        images = data.load_source(config["data"]["source"])
-        _, val = data.split(images, config["data"]["val_fraction"], config["seed"])
+        images, _, val, _ = trainer.load_splits(config["data"], config["seed"])
     except cli.INPUT_ERRORS as e:
         return cli.fail(e)
     if images.class_names != state["class_names"]:

@@ -38,11 +38,10 @@ def parity_images(config: dict, image_size: int):
     import numpy as np
     import tensorflow as tf
 
-    from keras_ft import data
+    from keras_ft import data, trainer
 
     try:
-        images = data.load_source(config["data"]["source"])
-        _, val = data.split(images, config["data"]["val_fraction"], config["seed"])
+        _, _, val, _ = trainer.load_splits(config["data"], config["seed"])
         batch = next(iter(data.make_dataset(val, image_size, PARITY_IMAGES, training=False)))[0]
         return tf.cast(tf.round(batch), tf.uint8).numpy(), "validation images"
     except (ValueError, OSError, tf.errors.OpError) as e:

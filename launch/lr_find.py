@@ -46,8 +46,7 @@ def run(config, workdir: str) -> dict:
     batch = config.train.global_batch_size
     distribute.check_batch_size(batch, strategy)
 
-    dataset = data.load_source(config.data.source)
-    train_set, _ = data.split(dataset, config.data.val_fraction, config.seed)
+    dataset, train_set, _, _ = trainer.load_splits(config.data, config.seed)
     if len(train_set) < batch:
         raise ValueError(
             f"The training split has {len(train_set)} images, fewer than "

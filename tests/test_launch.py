@@ -90,3 +90,26 @@ def test_empty_class_folder_is_one_line_and_exit_2(tmp_path):
     result = run_train(tmp_path / "run", f"--config.data.source=folder:{tmp_path / 'data'}")
     assert result.returncode == 2
     assert "cats" in error_line(result) and "no image files" in error_line(result)
+
+
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_bad_image_files_are_skipped_and_listed_or_stop_the_run(tmp_path, policy):
+    root = write_image_folder(tmp_path / "data", {"dark": 10, "light": 10})
+    good = (tmp_path / "data" / "dark" / "000.png").read_bytes()
+    (tmp_path / "data" / "dark" / "cut.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "data" / "light" / "notes.jpg").write_text("not an image")
+    result = run_train(
+        tmp_path / "run", f"--config.data.source=folder:{root}",
+        f"--config.data.bad_files={policy}", "--config.train.epochs=1",
+        "--config.export.enabled=False",
+    )
+    if policy == "fail":
+        assert result.returncode == 2
+        line = error_line(result)
+        assert "2 bad image file(s)" in line and "cut.png" in line and "notes.jpg" in line
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    scan = json.loads((tmp_path / "run" / "data_scan.json").read_text())
+    listed = json.dumps(scan)
+    assert "cut.png" in listed and "notes.jpg" in listed
+    assert "cut.png" in result.stderr  # the log lists them too

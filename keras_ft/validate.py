@@ -1,0 +1,416 @@
+"""A scan of the training data before training: bad data never crashes an epoch.
+
+`scan` checks every image file once, up front, so that a truncated JPEG or a
+text file named `.jpg` is found before the first step instead of halfway
+through an epoch, and is either skipped and listed (`policy="skip"`) or
+stops the run with the list (`policy="fail"`). Nothing is dropped silently:
+every skipped file is in the `Report` with its reason.
+
+Per file it reads the bytes and checks, in this order: empty file; format by
+magic bytes (not by extension); formats recognised but not supported here
+(WebP, TIFF, HEIC/AVIF, ...); the header (width, height, channels, bit depth,
+read WITHOUT decoding, so a decompression bomb is refused before it is
+decoded); a missing end marker (PNG `IEND`, JPEG `FFD9`: a cut file); then a
+real `tf.io.decode_image` of what is left. Grayscale, alpha, CMYK and 16-bit
+images are fine (`data.decode_image` makes them 3-channel 8-bit) and
+are only counted.
+
+Label checks (the only ones for in-memory arrays): labels within the class
+names, `num_classes` agreeing with the data, at least 2 classes, no class left
+without images. Per-class counts are always reported; `class_weights` gives
+inverse-frequency weights for imbalanced data.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import struct
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from keras_ft import data
+
+POLICIES = ("skip", "fail")
+LOG_EVERY_S = 10.0
+
+# Kinds of bad file, in the order the summary lists them.
+EMPTY = "empty"
+NOT_IMAGE = "not an image"
+UNSUPPORTED = "unsupported format"
+TOO_LARGE = "too large"
+TRUNCATED = "truncated"
+CORRUPT = "corrupt"
+UNREADABLE = "unreadable"
+BAD_KINDS = (EMPTY, TRUNCATED, CORRUPT, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, UNREADABLE)
+
+# Kinds of image that decode fine but are converted to 3-channel 8-bit.
+CONVERTED_KINDS = ("grayscale", "alpha", "CMYK", "16-bit")
+
+
+@dataclasses.dataclass
+class Report:
+    """What `scan` found.
+
+    Attributes:
+        num_scanned: files (or in-memory images) looked at.
+        class_names: the class names, in label order.
+        counts: usable images per class name (after skipping), in label order.
+        bad_files: `(path, reason)` for every bad file, in input order.
+        bad_by_kind: number of bad files per kind (`truncated`, ...).
+        converted: images per kind (`grayscale`, `alpha`, `CMYK`, `16-bit`)
+            that are usable but converted to 3-channel 8-bit when decoded; one
+            image can count under two kinds (16-bit grayscale).
+        seconds: time the scan took.
+    """
+
+    num_scanned: int
+    class_names: list[str]
+    counts: dict[str, int]
+    bad_files: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    bad_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
+    converted: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def lines(self, max_listed: int = 20) -> list[str]:
+        """A readable summary, one string per line."""
+        n_bad = len(self.bad_files)
+        head = (
+            f"Scanned {self.num_scanned:,} files in {len(self.class_names)} classes"
+        )
+        if n_bad:
+            kinds = ", ".join(
+                f"{n} {k}" for k, n in _ordered(self.bad_by_kind, BAD_KINDS)
+            )
+            listed = ", ".join(
+                f"{_short(p)} ({r})" for p, r in self.bad_files[:3]
+            )
+            more = ", ..." if n_bad > 3 else ""
+            head += f": {n_bad:,} skipped ({kinds}): {listed}{more}"
+        else:
+            head += ": no bad files"
+        lines = [head + "."]
+        for path, reason in self.bad_files[:max_listed]:
+            lines.append(f"  skipped {path}: {reason}")
+        if n_bad > max_listed:
+            lines.append(f"  ... and {n_bad - max_listed:,} more (see the JSON report).")
+        per_class = ", ".join(f"{name} {n:,}" for name, n in self.counts.items())
+        sizes = [n for n in self.counts.values() if n]
+        imbalance = (
+            f" (largest/smallest {max(sizes) / min(sizes):.1f}x)"
+            if sizes and max(sizes) > min(sizes)
+            else ""
+        )
+        lines.append(f"Images per class: {per_class}{imbalance}.")
+        if self.converted:
+            kinds = ", ".join(
+                f"{n:,} {k}" for k, n in _ordered(self.converted, CONVERTED_KINDS)
+            )
+            lines.append(f"Converted to 3-channel 8-bit when decoded: {kinds}.")
+        return lines
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["bad_files"] = [{"path": p, "reason": r} for p, r in self.bad_files]
+        return json.dumps(d, indent=2)
+
+
+def scan(
+    images: data.ImageSet,
+    policy: str = "skip",
+    max_pixels: int = 50_000_000,
+    num_classes: int | None = None,
+) -> tuple[data.ImageSet, Report]:
+    """Checks every image and label before training.
+
+    Args:
+        images: the data, as file paths or in-memory arrays.
+        policy: `"skip"` drops bad files (each listed in the report) and
+            returns the rest; `"fail"` raises on the first scan with any bad
+            file, listing them.
+        max_pixels: images whose header claims more pixels (width * height)
+            are refused without being decoded.
+        num_classes: the number of classes the model is built for, if known;
+            it must match the data's class names.
+
+    Returns:
+        The usable images (the input itself when nothing was dropped) and a
+        `Report`.
+
+    Raises:
+        ValueError: an unknown policy, bad files under `policy="fail"`, or
+            labels/classes a classifier cannot train on (each message names
+            the class or the numbers involved).
+    """
+    if policy not in POLICIES:
+        raise ValueError(
+            f"Unknown bad-file policy {policy!r}. Choose one of: {', '.join(POLICIES)}."
+        )
+    _check_labels(images, num_classes)
+    start = time.monotonic()
+    names = images.class_names
+    if isinstance(images.images, np.ndarray):
+        counts = np.bincount(images.labels, minlength=len(names))
+        report = Report(len(images), list(names), dict(zip(names, counts.tolist())))
+        _check_no_empty_class(report, images)
+        report.seconds = time.monotonic() - start
+        return images, report
+
+    paths = list(images.images)
+    results = _check_files(paths, max_pixels)
+    bad_files, bad_by_kind = [], collections.Counter()
+    converted = collections.Counter()
+    keep = []
+    for i, (path, (kind, reason, conversions)) in enumerate(zip(paths, results)):
+        if kind is None:
+            keep.append(i)
+            converted.update(conversions)
+        else:
+            bad_files.append((path, reason))
+            bad_by_kind[kind] += 1
+    if bad_files and policy == "fail":
+        listed = "; ".join(f"{p} ({r})" for p, r in bad_files[:3])
+        more = f"; and {len(bad_files) - 3} more" if len(bad_files) > 3 else ""
+        raise ValueError(
+            f"{len(bad_files)} bad image file(s) of {len(paths)}: {listed}{more}. "
+            "Fix or remove them, or pass --config.data.bad_files=skip to skip them."
+        )
+    kept = images if not bad_files else images.subset(np.asarray(keep, np.int64))
+    counts = np.bincount(kept.labels, minlength=len(names))
+    report = Report(
+        num_scanned=len(paths),
+        class_names=list(names),
+        counts=dict(zip(names, counts.tolist())),
+        bad_files=bad_files,
+        bad_by_kind=dict(bad_by_kind),
+        converted=dict(converted),
+    )
+    _check_no_empty_class(report, images)
+    report.seconds = time.monotonic() - start
+    return kept, report
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Inverse-frequency class weights, for `model.fit(class_weight=...)`.
+
+    Weight `c` is `N / (num_classes * n_c)`: proportional to `1 / n_c` and
+    normalised so that the mean weight over the N training images is 1 (the
+    loss keeps its scale, so the learning rate needs no change). On balanced
+    data every weight is 1.
+
+    Raises:
+        ValueError: a class has no images (its weight would be infinite).
+    """
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=num_classes)
+    if len(counts) > num_classes:
+        raise ValueError(
+            f"Labels go up to {labels.max()} but num_classes={num_classes}."
+        )
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise ValueError(
+            f"Class {int(empty[0])} has no images; class weights need every class."
+        )
+    weights = len(labels) / (num_classes * counts)
+    return {c: float(w) for c, w in enumerate(weights)}
+
+
+# ------------------------------------------------------------------ labels
+
+
+def _check_labels(images: data.ImageSet, num_classes: int | None) -> None:
+    names = images.class_names
+    if num_classes is not None and num_classes != len(names):
+        raise ValueError(
+            f"num_classes={num_classes} but the data has {len(names)} classes "
+            f"({', '.join(names[:10])})."
+        )
+    labels = np.asarray(images.labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ValueError(
+            f"Labels must be in [0, {len(names)}) for {len(names)} classes, "
+            f"got labels from {labels.min()} to {labels.max()}."
+        )
+    if len(names) < 2:
+        raise ValueError(
+            f"The data has a single class ({', '.join(map(repr, names))}); "
+            "a classifier needs at least 2."
+        )
+
+
+def _check_no_empty_class(report: Report, images: data.ImageSet) -> None:
+    for label, (name, n) in enumerate(report.counts.items()):
+        if n:
+            continue
+        total = int(np.sum(images.labels == label))
+        why = (
+            f"all {total} of its files are bad (see the scan report)"
+            if total
+            else "no images"
+        )
+        raise ValueError(f"Class {name!r} has no usable images: {why}.")
+
+
+# ------------------------------------------------------------------- files
+
+
+def _check_files(paths: list[str], max_pixels: int) -> list[tuple[str | None, str, tuple[str, ...]]]:
+    """`(bad kind or None, reason, conversions)` per path, in order."""
+    results = [None] * len(paths)
+    start = last_log = time.monotonic()
+    workers = min(16, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(_check_file, p, max_pixels): i for i, p in enumerate(paths)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            results[futures[future]] = future.result()
+            now = time.monotonic()
+            if now - last_log >= LOG_EVERY_S:
+                last_log = now
+                logging.info(
+                    "Scanning images: %s/%s files (%.0f/s).",
+                    f"{done:,}", f"{len(paths):,}", done / (now - start),
+                )
+    return results
+
+
+def _check_file(path: str, max_pixels: int):
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        return UNREADABLE, f"unreadable ({e.strerror or e})", ()
+    if not blob:
+        return EMPTY, "empty file (0 bytes)", ()
+    fmt = _sniff(blob)
+    if fmt is None:
+        return NOT_IMAGE, f"not an image (starts with {blob[:8]!r})", ()
+    if fmt not in _HEADERS:
+        return UNSUPPORTED, f"unsupported format {fmt} (use JPEG, PNG, BMP or GIF)", ()
+    try:
+        width, height, conversions = _HEADERS[fmt](blob)
+    except (struct.error, ValueError, IndexError) as e:
+        return TRUNCATED, f"truncated {fmt} (bad header: {e})", ()
+    if width <= 0 or height <= 0:
+        return CORRUPT, f"corrupt {fmt} (header says {width}x{height})", ()
+    if width * height > max_pixels:
+        return (
+            TOO_LARGE,
+            f"too large: {width}x{height} = {width * height:,} pixels "
+            f"> max_pixels {max_pixels:,}",
+            (),
+        )
+    if fmt == "PNG" and b"IEND" not in blob[-64:]:
+        return TRUNCATED, "truncated PNG (no IEND chunk at the end)", ()
+    if fmt == "JPEG" and b"\xff\xd9" not in blob[-64:]:
+        return TRUNCATED, "truncated JPEG (no FFD9 end marker)", ()
+    try:
+        image = tf.io.decode_image(blob, channels=3, expand_animations=False)
+    except tf.errors.OpError as e:
+        first = e.message.splitlines()[0][:80]
+        return CORRUPT, f"corrupt {fmt} (cannot be decoded: {first})", ()
+    if image.shape[0] != height or image.shape[1] != width:
+        return (
+            CORRUPT,
+            f"corrupt {fmt} (header says {width}x{height}, "
+            f"decodes to {image.shape[1]}x{image.shape[0]})",
+            (),
+        )
+    return None, "", conversions
+
+
+def _sniff(blob: bytes) -> str | None:
+    """The format named by the file's magic bytes, whatever its extension."""
+    if blob.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if blob.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if blob.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if blob.startswith(b"BM"):
+        return "BMP"
+    if blob.startswith(b"RIFF") and blob[8:12] == b"WEBP":
+        return "WebP"
+    if blob.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if blob[4:8] == b"ftyp" and blob[8:12] in (
+        b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif",
+    ):
+        return "AVIF" if blob[8:12] == b"avif" else "HEIC"
+    if blob.startswith(b"\x00\x00\x00\x0cjP  "):
+        return "JPEG 2000"
+    if blob.startswith(b"8BPS"):
+        return "PSD"
+    return None
+
+
+def _png_header(blob: bytes):
+    if blob[12:16] != b"IHDR":
+        raise ValueError("no IHDR chunk")
+    width, height, depth, color = struct.unpack(">IIBB", blob[16:26])
+    conversions = []
+    if color in (0, 4):
+        conversions.append("grayscale")
+    if color in (4, 6):
+        conversions.append("alpha")
+    if depth == 16:
+        conversions.append("16-bit")
+    return width, height, tuple(conversions)
+
+
+def _jpeg_header(blob: bytes):
+    pos = 2
+    while True:
+        while blob[pos] != 0xFF:  # tolerate padding between segments
+            pos += 1
+        while blob[pos] == 0xFF:
+            pos += 1
+        marker = blob[pos]
+        pos += 1
+        if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
+            continue
+        if marker in (0xD9, 0xDA):
+            raise ValueError("no SOF segment before the image data")
+        (length,) = struct.unpack(">H", blob[pos:pos + 2])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            _, height, width, components = struct.unpack(">BHHB", blob[pos + 2:pos + 8])
+            kinds = {1: ("grayscale",), 4: ("CMYK",)}.get(components, ())
+            return width, height, kinds
+        pos += length
+
+
+def _gif_header(blob: bytes):
+    width, height = struct.unpack("<HH", blob[6:10])
+    return width, height, ()
+
+
+def _bmp_header(blob: bytes):
+    (dib_size,) = struct.unpack("<I", blob[14:18])
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER
+        width, height = struct.unpack("<HH", blob[18:22])
+        bits = struct.unpack("<H", blob[24:26])[0]
+    else:
+        width, height = struct.unpack("<ii", blob[18:26])
+        bits = struct.unpack("<H", blob[28:30])[0]
+    return width, abs(height), ("alpha",) if bits == 32 else ()
+
+
+_HEADERS = {"PNG": _png_header, "JPEG": _jpeg_header, "GIF": _gif_header, "BMP": _bmp_header}
+
+
+# -------------------------------------------------------------------- misc
+
+
+def _short(path: str) -> str:
+    """`class/file.jpg`: enough to find a file in a one-folder-per-class tree."""
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+def _ordered(counts: dict[str, int], order: tuple[str, ...]):
+    return [(k, counts[k]) for k in order if counts.get(k)]
