@@ -16,12 +16,14 @@ takes explicit arguments. Workdir layout (the contract scripts rely on):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
 
 import keras
 import ml_collections
+import tensorflow as tf
 from absl import logging
 
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
@@ -254,6 +256,89 @@ def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
     return model, state
 
 
+def _image_size(config: ml_collections.ConfigDict) -> int:
+    return config.model.image_size or backbones.get(config.model.backbone).default_size
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a run is made of, before any training: see `setup`."""
+
+    strategy: tf.distribute.Strategy
+    dataset: data.ImageSet
+    train_set: data.ImageSet
+    val_set: data.ImageSet
+    scan_report: validate.Report
+    image_size: int
+    batch: int
+    steps_per_epoch: int
+    stages: list
+    model: model_lib.Classifier
+    reference: list
+    block_lr: list | None
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Strategy, data and model of `config`: what `train` and `launch.lr_find`
+    both start from. Creates the strategy once; only model building and
+    `compile()` run under its scope."""
+    if config.distribute.cpu_devices:
+        distribute.split_cpu(config.distribute.cpu_devices)
+    keras.utils.set_random_seed(config.seed)
+    image_size = _image_size(config)
+    stages = stages_lib.parse(config.freeze.stages)
+
+    strategy = distribute.create(config.distribute.strategy)
+    batch = config.train.global_batch_size
+    distribute.check_batch_size(batch, strategy)
+    logging.info(
+        "Strategy %s with %d replica(s).",
+        type(strategy).__name__, strategy.num_replicas_in_sync,
+    )
+
+    dataset, train_set, val_set, scan_report = load_splits(config.data, config.seed)
+    for line in scan_report.lines():
+        logging.info("%s", line)
+    if len(train_set) < batch:
+        raise ValueError(
+            f"The training split has {len(train_set)} images, fewer than "
+            f"train.global_batch_size={batch}; lower the batch size."
+        )
+    steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
+    logging.info(
+        "Data %s: %d train / %d validation images, %d classes (%s).",
+        config.data.source, len(train_set), len(val_set),
+        len(dataset.class_names), ", ".join(dataset.class_names[:10]),
+    )
+
+    with strategy.scope():
+        model = build_model(
+            config, dataset.class_names, image_size, stages,
+            config.train.epochs * steps_per_epoch,
+        )
+        reference = model.snapshot_reference()  # θ0: the weights as loaded
+    block_lr = None
+    if config.freeze.lr_decay != 1.0:
+        num_blocks = len(backbones.block_map(model.backbone, config.model.backbone))
+        block_lr = stages_lib.block_lr_multipliers(num_blocks, config.freeze.lr_decay)
+    return Setup(
+        strategy, dataset, train_set, val_set, scan_report, image_size, batch,
+        steps_per_epoch, stages, model, reference, block_lr,
+    )
+
+
+def reestimate_if_configured(config: ml_collections.ConfigDict, run: Setup) -> None:
+    """BatchNorm policy "reestimate": statistics from training images, once."""
+    if config.freeze.batchnorm != "reestimate":
+        return
+    used = freezing.reestimate_batchnorm(
+        run.model,
+        data.make_dataset(run.train_set, run.image_size, run.batch, training=False),
+        config.freeze.reestimate_batches,
+    )
+    logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) the training job of `config` in `workdir`.
 
@@ -261,12 +346,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         The final metrics, as written to `metrics.json`.
     """
     # ------------------------------------------------------------------ config
-    if config.distribute.cpu_devices:
-        distribute.split_cpu(config.distribute.cpu_devices)
-    keras.utils.set_random_seed(config.seed)
-    spec = backbones.get(config.model.backbone)
-    image_size = config.model.image_size or spec.default_size
-    stages = stages_lib.parse(config.freeze.stages)
+    image_size = _image_size(config)
+    stages_lib.parse(config.freeze.stages)  # a bad schedule fails before any work
     resolved = config.to_dict()
     resolved["model"]["image_size"] = image_size
     os.makedirs(workdir, exist_ok=True)
@@ -281,39 +362,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _set_aside_old_run(workdir)
     _write_json(config_path, resolved)
 
-    # ---------------------------------------------------------------- strategy
-    strategy = distribute.create(config.distribute.strategy)
-    distribute.check_batch_size(config.train.global_batch_size, strategy)
-    logging.info(
-        "Strategy %s with %d replica(s).",
-        type(strategy).__name__, strategy.num_replicas_in_sync,
-    )
-
-    # -------------------------------------------------------------------- data
-    dataset, train_set, val_set, scan_report = load_splits(config.data, config.seed)
-    for line in scan_report.lines():
-        logging.info("%s", line)
+    # ------------------------------------------------- strategy, data, model
+    run = setup(config)
+    strategy, model, batch = run.strategy, run.model, run.batch
+    dataset, train_set, val_set = run.dataset, run.train_set, run.val_set
+    stages, steps_per_epoch, block_lr = run.stages, run.steps_per_epoch, run.block_lr
     with open(os.path.join(workdir, "data_scan.json"), "w") as f:
-        f.write(scan_report.to_json())
-    batch = config.train.global_batch_size
-    if len(train_set) < batch:
-        raise ValueError(
-            f"The training split has {len(train_set)} images, fewer than "
-            f"train.global_batch_size={batch}; lower the batch size."
-        )
+        f.write(run.scan_report.to_json())
     val_ds = data.make_dataset(val_set, image_size, batch, training=False)
-    steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
-    logging.info(
-        "Data %s: %d train / %d validation images, %d classes (%s).",
-        config.data.source, len(train_set), len(val_set),
-        len(dataset.class_names), ", ".join(dataset.class_names[:10]),
-    )
-
-    # ------------------------------------------------------------------- model
     total_steps = config.train.epochs * steps_per_epoch
-    with strategy.scope():
-        model = build_model(config, dataset.class_names, image_size, stages, total_steps)
-        reference = model.snapshot_reference()  # θ0: the weights as loaded
 
     # ------------------------------------------------------------------ resume
     manager = checkpoint.CheckpointManager(
@@ -321,22 +378,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         keep=config.checkpoint.keep,
         model=model,
         optimizer=model.optimizer,
-        reference=reference,
+        reference=run.reference,
     )
     state = manager.restore_latest() if config.resume else None
     history = state["history"] if state else []
     initial_epoch = state["epoch"] if state else 0
-    if config.freeze.batchnorm == "reestimate" and initial_epoch == 0:
-        used = freezing.reestimate_batchnorm(
-            model,
-            data.make_dataset(train_set, image_size, batch, training=False),
-            config.freeze.reestimate_batches,
-        )
-        logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
-    block_lr = None
-    if config.freeze.lr_decay != 1.0:
-        num_blocks = len(backbones.block_map(model.backbone, config.model.backbone))
-        block_lr = stages_lib.block_lr_multipliers(num_blocks, config.freeze.lr_decay)
+    if initial_epoch == 0:  # a resumed run's checkpoint holds its statistics
+        reestimate_if_configured(config, run)
 
     # The training stream is a pure function of the seed: skipping the batches
     # of finished epochs continues it exactly where the last run stopped.

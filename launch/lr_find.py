@@ -32,44 +32,18 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str) -> dict:
     """The range test of `config`'s first stage; returns the saved summary."""
-    import keras
+    from keras_ft import data, freezing, lr_finder, trainer
 
-    from keras_ft import backbones, data, distribute, freezing, lr_finder
-    from keras_ft import stages as stages_lib, trainer
-
-    if config.distribute.cpu_devices:
-        distribute.split_cpu(config.distribute.cpu_devices)
-    keras.utils.set_random_seed(config.seed)
-    image_size = config.model.image_size or backbones.get(config.model.backbone).default_size
-    stages = stages_lib.parse(config.freeze.stages)
-    strategy = distribute.create(config.distribute.strategy)
-    batch = config.train.global_batch_size
-    distribute.check_batch_size(batch, strategy)
-
-    dataset, train_set, _, _ = trainer.load_splits(config.data, config.seed)
-    if len(train_set) < batch:
-        raise ValueError(
-            f"The training split has {len(train_set)} images, fewer than "
-            f"train.global_batch_size={batch}; lower the batch size."
-        )
-    steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
-    with strategy.scope():
-        # The schedule's length does not matter: the test replaces the rate.
-        model = trainer.build_model(
-            config, dataset.class_names, image_size, stages,
-            config.train.epochs * steps_per_epoch,
-        )
-    train_ds = data.make_dataset(train_set, image_size, batch, training=True, seed=config.seed)
-    if config.freeze.batchnorm == "reestimate":
-        freezing.reestimate_batchnorm(
-            model, data.make_dataset(train_set, image_size, batch, training=False),
-            config.freeze.reestimate_batches,
-        )
-    block_lr = None
-    if config.freeze.lr_decay != 1.0:
-        num_blocks = len(backbones.block_map(model.backbone, config.model.backbone))
-        block_lr = stages_lib.block_lr_multipliers(num_blocks, config.freeze.lr_decay)
-    freezing.apply_stage(model, stages[0], config.freeze.method, config.freeze.batchnorm, block_lr)
+    run = trainer.setup(config)
+    trainer.reestimate_if_configured(config, run)
+    stages, batch = run.stages, run.batch
+    freezing.apply_stage(
+        run.model, stages[0], config.freeze.method, config.freeze.batchnorm, run.block_lr
+    )
+    train_ds = data.make_dataset(
+        run.train_set, run.image_size, batch, training=True, seed=config.seed
+    )
+    model = run.model
 
     finder = config.optimizer.lr_find
     test = lr_finder.find_learning_rate(
