@@ -19,8 +19,12 @@ def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0  # seeds the split, shuffling, augmentation and head init
-    config.resume = True  # rerunning on a workdir resumes; False starts over
-    #   (old checkpoints are moved aside, never deleted)
+    config.resume = True  # rerunning on a workdir resumes at the exact step of
+    #   its newest checkpoint; False starts over (old checkpoints are moved
+    #   aside, never deleted)
+    config.deterministic = False  # True: TensorFlow op determinism, so a rerun
+    #   (or a resumed run) gives bitwise the same weights; the data order is
+    #   always seeded. Costs speed on some ops (README, benchmarks/determinism.py)
 
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "mobilenet_v2"  # registry name: keras_ft.backbones.names()
@@ -100,4 +104,8 @@ def get_config(arg=None):
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.keep = 2  # newest checkpoints kept
+    config.checkpoint.every_steps = 0  # also save every this many steps; 0 = only
+    #   at epoch ends (and every_seconds, and on SIGTERM)
+    config.checkpoint.every_seconds = 600.0  # also save when this long has passed
+    #   since the last save; 0 = off. A kill -9 loses at most this much work
     return config

@@ -13,7 +13,29 @@ class NonFiniteLoss(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
+class ResumableStep:
+    """For callbacks of a `fit()` that may start part-way into an epoch.
+
+    A resumed run first finishes its interrupted epoch in a `fit()` of the
+    remaining steps, whose batch numbers start at 0 again; `resume_at(step)`
+    tells the callback how many steps of that epoch were done before, and
+    `step_in_epoch(batch)` gives the true 1-based step. Call
+    `end_resumed_epoch()` from `on_epoch_end`.
+    """
+
+    first_step = 0
+
+    def resume_at(self, step: int) -> None:
+        self.first_step = step
+
+    def step_in_epoch(self, batch: int) -> int:
+        return self.first_step + batch + 1
+
+    def end_resumed_epoch(self) -> None:
+        self.first_step = 0
+
+
+class StopOnNonFiniteLoss(ResumableStep, keras.callbacks.Callback):
     """Raises `NonFiniteLoss` naming the step when the loss is not finite.
 
     Unlike `keras.callbacks.TerminateOnNaN`, the run fails (a non-zero exit in
@@ -28,13 +50,17 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
+    def on_epoch_end(self, epoch, logs=None):
+        self.end_resumed_epoch()
+
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLoss(
                 f"Training loss is {float(loss)} at epoch {self.epoch + 1}, step "
-                f"{batch + 1}; lower optimizer.learning_rate and rerun to resume "
-                "from the last checkpoint."
+                f"{self.step_in_epoch(batch)}; nothing after the last checkpoint was saved. "
+                "Lower optimizer.learning_rate (or set optimizer.clip_norm) and rerun "
+                "the command to resume from the last checkpoint."
             )
 
 
@@ -70,7 +96,7 @@ class Throughput(keras.callbacks.Callback):
         return self.steps * self.batch_size / self.seconds
 
 
-class ProgressLog(keras.callbacks.Callback):
+class ProgressLog(ResumableStep, keras.callbacks.Callback):
     """Logs one line per epoch, and a line every `every_seconds` within long ones.
 
     Only scalar metrics without a "/" in their name are shown (per-block drift
@@ -85,6 +111,7 @@ class ProgressLog(keras.callbacks.Callback):
         super().__init__()
         self.epochs = epochs
         self.every_seconds = every_seconds
+        self.steps_per_epoch = None  # the run's (default: fit()'s steps)
 
     @staticmethod
     def _format(logs) -> str:
@@ -100,10 +127,11 @@ class ProgressLog(keras.callbacks.Callback):
         now = time.perf_counter()
         if now - self._last >= self.every_seconds:
             self._last = now
-            steps = self.params.get("steps") or "?"
+            steps = self.steps_per_epoch or self.params.get("steps") or "?"
             logging.info("epoch %d/%d step %d/%s: %s", self._epoch + 1, self.epochs,
-                         batch + 1, steps, self._format(logs))
+                         self.step_in_epoch(batch), steps, self._format(logs))
 
     def on_epoch_end(self, epoch, logs=None):
+        self.end_resumed_epoch()
         logging.info("epoch %d/%d done in %.1fs: %s", epoch + 1, self.epochs,
                      time.perf_counter() - self._start, self._format(logs))

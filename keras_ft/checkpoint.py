@@ -1,13 +1,26 @@
-"""Atomic, resumable checkpoints of a training run.
+"""Checkpoints that never lose work: atomic, step-exact, finite, preemptible.
 
-A checkpoint is a folder `checkpoints/ckpt-EEEEEE` holding a
-`tf.train.Checkpoint` of the model and optimizer (weights, velocities,
-iteration count, learning-rate scale) and `state.json` (the epoch it ends,
-the training history so far). It is written into a temporary folder, flushed
-to disk and renamed into place, so a crash mid-save never leaves a partial
-checkpoint under a final name; leftover temporary folders are swept on start.
-The newest `keep` checkpoints are kept. If the newest cannot be read, the one
-before it is used, and the log says so.
+A checkpoint is a folder `checkpoints/ckpt-SSSSSSSSS`, named by the global
+training step it was taken after, holding a `tf.train.Checkpoint` of the
+model, the optimizer (weights, velocities, iteration count, learning-rate
+scale), the L2-SP reference weights and the random-number state of the
+model's layers (dropout, augmentation), and `state.json`: the epoch and the
+step within it, the stage, the training history so far and the partial sums
+of the epoch's metrics. Together with the seeded training stream
+(`keras_ft.data.make_dataset`), that is everything needed to continue the run
+at the exact step, as if it had never stopped.
+
+Guarantees:
+- Atomic: a checkpoint is written into a temporary folder, flushed to disk
+  and renamed into place, so a crash mid-save never leaves a partial
+  checkpoint under a final name; leftover temporary folders are swept on
+  start. The newest `keep` checkpoints are kept.
+- Fallback: if the newest cannot be read (truncated, corrupt), the one
+  before it is restored, and the log says so.
+- Finite: a save whose variables hold a NaN or infinity is refused
+  (`NonFiniteState`), so every committed checkpoint is a good one.
+- Preemption: `TrainingCheckpoint` saves at the next step boundary after a
+  SIGTERM (`keras_ft.preemption`) and raises `Preempted`.
 """
 
 from __future__ import annotations
@@ -16,13 +29,38 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_ft import callbacks
+
 PREFIX = "ckpt-"
 STATE_FILE = "state.json"
+
+
+class NonFiniteState(FloatingPointError):
+    """A variable to be checkpointed holds a NaN or infinity."""
+
+
+class Preempted(Exception):
+    """Training stopped on request (SIGTERM) after saving a checkpoint.
+
+    Attributes:
+        path: the checkpoint written before stopping.
+        global_step: the training step it holds.
+    """
+
+    def __init__(self, path: str | None, global_step: int):
+        saved = f"saved {path}" if path else "stopped before training (nothing new to save)"
+        super().__init__(
+            f"Preempted: {saved} at step {global_step}; rerun the same command to resume."
+        )
+        self.path = path
+        self.global_step = global_step
 
 
 def _fsync_tree(path: str) -> None:
@@ -41,20 +79,46 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def rng_state(model: keras.Model) -> list:
+    """The state variables of the model's seed generators (dropout, random
+    augmentation): not part of Keras' own checkpoint, but needed for a resumed
+    run to draw the same random numbers as an uninterrupted one."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def model_objects(model: keras.Model, reference: list) -> dict:
+    """What a training checkpoint of a `keras_ft.Classifier` holds."""
+    return dict(
+        model=model, optimizer=model.optimizer, reference=reference, rng=rng_state(model)
+    )
+
+
+def _variables(trackable) -> list:
+    if isinstance(trackable, (list, tuple)):
+        return [v for t in trackable for v in _variables(t)]
+    if isinstance(trackable, keras.optimizers.Optimizer):
+        return list(trackable.variables)
+    if isinstance(trackable, keras.Model):
+        return list(trackable.variables)
+    return [trackable]
+
+
 class CheckpointManager:
     """Saves and restores `tf.train.Checkpoint`s atomically.
 
     Args:
         directory: where the `ckpt-*` folders live.
         keep: how many of the newest checkpoints to keep.
-        **objects: what to checkpoint (e.g. `model=..., optimizer=...`).
+        **objects: what to checkpoint (e.g. `model=..., optimizer=...`);
+            `model_objects` gives those of a training run.
     """
 
     def __init__(self, directory: str, keep: int = 2, **objects):
         if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}.")
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}.")
         self.directory = directory
         self.keep = keep
+        self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
         os.makedirs(directory, exist_ok=True)
         for name in os.listdir(directory):
@@ -67,16 +131,39 @@ class CheckpointManager:
         names = [n for n in os.listdir(self.directory) if n.startswith(PREFIX)]
         return [os.path.join(self.directory, n) for n in sorted(names)]
 
-    def save(self, epoch: int, state: dict) -> str:
-        """Writes the checkpoint that ends epoch `epoch` (1-based)."""
-        final = os.path.join(self.directory, f"{PREFIX}{epoch:06d}")
+    def non_finite(self) -> list[str]:
+        """Paths of the checkpointed float variables holding a NaN or infinity."""
+        bad = []
+        for value in self.objects.values():
+            for v in _variables(value):
+                dtype = tf.as_dtype(v.dtype)
+                if dtype.is_floating and not np.isfinite(np.asarray(v.numpy())).all():
+                    bad.append(getattr(v, "path", None) or v.name)
+        return bad
+
+    def save(self, global_step: int, state: dict) -> str:
+        """Writes the checkpoint taken after training step `global_step`.
+
+        Raises:
+            NonFiniteState: a variable holds a NaN or infinity; nothing is
+                written, the previous checkpoints stay as they are.
+        """
+        bad = self.non_finite()
+        if bad:
+            raise NonFiniteState(
+                f"Not saving step {global_step}: {len(bad)} variable(s) are NaN or "
+                f"infinite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                "the last checkpoint is the last good state. Lower "
+                "optimizer.learning_rate (or set optimizer.clip_norm) and rerun to resume."
+            )
+        final = os.path.join(self.directory, f"{PREFIX}{global_step:09d}")
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.directory)
         try:
             self.checkpoint.write(os.path.join(tmp, "ckpt"))
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(dict(state, epoch=epoch), f)
+                json.dump(dict(state, global_step=global_step), f)
             _fsync_tree(tmp)
-            if os.path.exists(final):  # rewriting an epoch after a fallback
+            if os.path.exists(final):  # rewriting a step after a fallback
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.directory)
@@ -100,26 +187,122 @@ class CheckpointManager:
                     path, str(e).splitlines()[0] if str(e) else type(e).__name__,
                 )
                 continue
-            logging.info("Resumed from %s (epoch %d).", path, state["epoch"])
-            return state
+            logging.info(
+                "Resumed from %s: %d epoch(s) and %d step(s) done (global step %d).",
+                path, state["epoch"], state["step"], state["global_step"],
+            )
+            return dict(state, path=path)
         return None
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves a checkpoint at the end of every epoch, with the history so far.
+class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
+    """Saves checkpoints during `fit()`: at every epoch end, every
+    `every_steps` steps, every `every_seconds` seconds, and on preemption.
+
+    A checkpoint taken inside an epoch also stores the partial sums of the
+    epoch's metrics, so the resumed epoch reports the same loss and accuracy
+    as an uninterrupted one. The last step of an epoch is saved by the epoch
+    end (after validation), not twice.
 
     Args:
         manager: the `CheckpointManager` to save with.
         history: the list of per-epoch log dicts to store (and extend).
+        steps_per_epoch: the run's steps per epoch.
+        every_steps: also save every this many global steps (0 = off).
+        every_seconds: also save when this long has passed since the last
+            save (0 = off).
         extra: more JSON-able state to store with every checkpoint.
+        preemption: a `keras_ft.preemption.Watch`; when it reports a request,
+            save at the next step boundary and raise `Preempted`.
+        describe_stage: a function of no arguments giving the current stage,
+            stored for the record.
     """
 
-    def __init__(self, manager: CheckpointManager, history: list[dict], extra: dict | None = None):
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        history: list[dict],
+        steps_per_epoch: int,
+        every_steps: int = 0,
+        every_seconds: float = 0.0,
+        extra: dict | None = None,
+        preemption=None,
+        describe_stage=None,
+    ):
         super().__init__()
+        if every_steps < 0 or every_seconds < 0:
+            raise ValueError(
+                "checkpoint.every_steps and checkpoint.every_seconds must be >= 0, got "
+                f"{every_steps} and {every_seconds}."
+            )
         self.manager = manager
         self.history = history
+        self.steps_per_epoch = steps_per_epoch
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
         self.extra = dict(extra or {})
+        self.preemption = preemption
+        self.describe_stage = describe_stage
+        self.metric_sums = None  # a resumed epoch's partial metric sums
+        self._epoch = 0
+        self._last_save = time.monotonic()
+
+    def resume_at(self, step: int, metric_sums: list | None = None) -> None:
+        """The next `fit()` starts `step` steps into its first epoch, whose
+        metrics had summed to `metric_sums` (from the checkpoint's state)."""
+        super().resume_at(step)
+        self.metric_sums = metric_sums if step else None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.metric_sums is not None:  # after the resumed epoch's first step
+            variables = self.model.metrics_variables
+            if len(variables) != len(self.metric_sums):
+                raise ValueError(
+                    f"The checkpoint holds {len(self.metric_sums)} metric sums, the "
+                    f"model has {len(variables)} metric variables: compile() changed."
+                )
+            for v, total in zip(variables, self.metric_sums):
+                v.assign(v.value + np.asarray(total, v.dtype))
+            self.metric_sums = None
+        step = self.step_in_epoch(batch)
+        if step >= self.steps_per_epoch:
+            return  # on_epoch_end saves it, with the validation results
+        global_step = self._epoch * self.steps_per_epoch + step
+        preempted = self.preemption is not None and self.preemption.requested
+        due = (
+            preempted
+            or (self.every_steps and global_step % self.every_steps == 0)
+            or (self.every_seconds and time.monotonic() - self._last_save >= self.every_seconds)
+        )
+        if due:
+            metric_sums = [np.asarray(v.numpy()).tolist() for v in self.model.metrics_variables]
+            path = self._save(self._epoch, step, metric_sums)
+            if preempted:
+                raise Preempted(path, global_step)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.end_resumed_epoch()
         self.history.append({k: float(v) for k, v in (logs or {}).items()})
-        self.manager.save(epoch + 1, dict(self.extra, history=self.history))
+        path = self._save(epoch + 1, 0, None)
+        if self.preemption is not None and self.preemption.requested:
+            raise Preempted(path, (epoch + 1) * self.steps_per_epoch)
+
+    def _save(self, epoch: int, step: int, metric_sums) -> str:
+        state = dict(
+            self.extra,
+            epoch=epoch,
+            step=step,
+            steps_per_epoch=self.steps_per_epoch,
+            iterations=int(self.model.optimizer.iterations.numpy()),
+            stage=self.describe_stage() if self.describe_stage else None,
+            history=self.history,
+            metric_sums=metric_sums,
+            time=time.time(),
+        )
+        path = self.manager.save(epoch * self.steps_per_epoch + step, state)
+        self._last_save = time.monotonic()
+        logging.info("Saved %s.", path)
+        return path

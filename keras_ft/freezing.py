@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import backbones, stages as stages_lib
+from keras_ft import backbones, callbacks, stages as stages_lib
 from keras_ft.stages import Stage
 
 BN_POLICIES = ("frozen", "trainable", "reestimate")
@@ -195,7 +195,7 @@ def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
     return seen
 
 
-class StageSchedule(keras.callbacks.Callback):
+class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
     """Switches freezing stages inside one `fit()`, at epoch or step boundaries.
 
     Works in a plain `model.fit` of a `keras_ft.Classifier` compiled with
@@ -207,6 +207,8 @@ class StageSchedule(keras.callbacks.Callback):
         bn_policy: one of `BN_POLICIES` (re-estimation itself is done before
             `fit`, by `reestimate_batchnorm`).
         block_lr: per-block learning-rate multipliers, stem first.
+        steps_per_epoch: the run's steps per epoch, for stages measured in
+            steps (default: the `steps_per_epoch` given to `fit()`).
     """
 
     def __init__(
@@ -215,6 +217,7 @@ class StageSchedule(keras.callbacks.Callback):
         method: str = "full",
         bn_policy: str = "frozen",
         block_lr: Sequence[float] | None = None,
+        steps_per_epoch: int | None = None,
     ):
         super().__init__()
         self.stages = stages_lib.parse(stages)
@@ -223,9 +226,16 @@ class StageSchedule(keras.callbacks.Callback):
         self.method = method
         self.bn_policy = bn_policy
         self.block_lr = block_lr
+        self.steps_per_epoch = steps_per_epoch
         self.current = None
         self.info = None
         self._epoch = 0
+
+    def describe(self) -> str | None:
+        """The stage in force, e.g. "2/3: top 2 block(s)"; None before fit()."""
+        if self.current is None:
+            return None
+        return f"{self.current + 1}/{len(self.stages)}: {self.stages[self.current].describe()}"
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -234,11 +244,12 @@ class StageSchedule(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if any(s.steps for s in self.stages):
-            steps = self.params.get("steps")
-            step = self._epoch * (steps or 0) + batch
+            steps = self.steps_per_epoch or self.params.get("steps")
+            step = self._epoch * (steps or 0) + self.step_in_epoch(batch) - 1
             self._switch(stages_lib.stage_index(self.stages, self._epoch, step, steps))
 
     def on_epoch_end(self, epoch, logs=None):
+        self.end_resumed_epoch()
         if logs is not None and self.info is not None:
             logs["trainable_params"] = self.info.trainable_params
             logs["stage"] = self.current + 1

@@ -5,7 +5,9 @@ takes explicit arguments. Workdir layout (the contract scripts rely on):
 
     config.json    the resolved config of the run
     data_scan.json the check of every image file before training
-    checkpoints/   atomic per-epoch checkpoints; a rerun resumes from them
+    checkpoints/   atomic checkpoints (every epoch end, every
+                   checkpoint.every_steps / every_seconds, and on SIGTERM);
+                   a rerun resumes from the newest at the exact step
     history.csv    one row per finished epoch
     tensorboard/   TensorBoard logs
     metrics.json   final metrics (val_accuracy, val_loss, train_images_per_sec,
@@ -27,11 +29,13 @@ import tensorflow as tf
 from absl import logging
 
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
-from keras_ft import freezing, lr_finder, model as model_lib, optim, schedules
+from keras_ft import freezing, lr_finder, model as model_lib, optim, preemption, schedules
 from keras_ft import stages as stages_lib, validate
 
-# Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = frozenset({"resume"})
+# Keys that may differ between a run and its resumption: the learning rate,
+# so that a run stopped by a NaN loss can resume from its last good
+# checkpoint at a lower rate.
+RESUMABLE_CHANGES = frozenset({"resume", "optimizer.learning_rate"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -79,6 +83,9 @@ def _check_resumable(workdir: str, resolved: dict) -> None:
             f"Cannot resume {workdir}: config differs ({details}). Use the same "
             "config, another --workdir, or --config.resume=False to start over."
         )
+    for k in sorted(RESUMABLE_CHANGES - {"resume"}):
+        if before.get(k) != now.get(k):
+            logging.warning("Resuming with %s changed: %r -> %r.", k, before.get(k), now.get(k))
 
 
 def _set_aside_old_run(workdir: str) -> None:
@@ -247,8 +254,7 @@ def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
     stages = stages_lib.parse(config.freeze.stages)
     model = build_model(config, class_names, config.model.image_size, stages, 1)
     manager = checkpoint.CheckpointManager(
-        manager_dir, model=model, optimizer=model.optimizer,
-        reference=model.snapshot_reference(),
+        manager_dir, **checkpoint.model_objects(model, model.snapshot_reference())
     )
     state = manager.restore_latest()
     if state is None:
@@ -285,6 +291,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     if config.distribute.cpu_devices:
         distribute.split_cpu(config.distribute.cpu_devices)
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:  # bitwise-repeatable kernels (the data order always is)
+        tf.config.experimental.enable_op_determinism()
     image_size = _image_size(config)
     stages = stages_lib.parse(config.freeze.stages)
 
@@ -339,12 +347,59 @@ def reestimate_if_configured(config: ml_collections.ConfigDict, run: Setup) -> N
     logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _restore(manager, run: Setup, has_checkpoints: bool) -> dict | None:
+    """Restores the newest readable checkpoint; checks it belongs to this run."""
+    state = manager.restore_latest()
+    if state is None:
+        if has_checkpoints:
+            raise ValueError(
+                f"No checkpoint in {manager.directory} is readable (see the warnings "
+                "above); nothing was changed. Use --config.resume=False to start over "
+                "(the old checkpoints are moved aside)."
+            )
+        return None
+    if state["class_names"] != run.dataset.class_names:
+        raise ValueError(
+            f"Cannot resume from {state['path']}: it was trained on classes "
+            f"{state['class_names']}, the data now has {run.dataset.class_names}."
+        )
+    if state["steps_per_epoch"] != run.steps_per_epoch:
+        raise ValueError(
+            f"Cannot resume from {state['path']}: it has {state['steps_per_epoch']} "
+            f"steps per epoch, the data now gives {run.steps_per_epoch} (files were "
+            "added or removed). Restore the data, or use --config.resume=False."
+        )
+    return state
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, extra_callbacks: tuple = ()
+) -> dict:
     """Runs (or resumes) the training job of `config` in `workdir`.
+
+    While it runs, SIGTERM saves a checkpoint at the next step boundary and
+    raises `checkpoint.Preempted` (see `keras_ft.preemption`).
+
+    Args:
+        config: the run's config (configs/base.py lists every key).
+        workdir: the run's directory (layout: this module's docstring).
+        extra_callbacks: more Keras callbacks for `fit()`, run after
+            keras_ft's own (so after the step's checkpoint, if one is due).
 
     Returns:
         The final metrics, as written to `metrics.json`.
+
+    Raises:
+        checkpoint.Preempted: stopped by SIGTERM, after saving.
+        callbacks.NonFiniteLoss, checkpoint.NonFiniteState: the loss or the
+            weights became NaN or infinite; the last checkpoint is intact.
+        ValueError: bad config, data or workdir.
     """
+    with preemption.Watch() as watch:
+        return _train(config, workdir, watch, list(extra_callbacks))
+
+
+def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list) -> dict:
     # ------------------------------------------------------------------ config
     image_size = _image_size(config)
     stages_lib.parse(config.freeze.stages)  # a bad schedule fails before any work
@@ -367,8 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     strategy, model, batch = run.strategy, run.model, run.batch
     dataset, train_set, val_set = run.dataset, run.train_set, run.val_set
     stages, steps_per_epoch, block_lr = run.stages, run.steps_per_epoch, run.block_lr
-    with open(os.path.join(workdir, "data_scan.json"), "w") as f:
-        f.write(run.scan_report.to_json())
+    _write_json(os.path.join(workdir, "data_scan.json"), json.loads(run.scan_report.to_json()))
     val_ds = data.make_dataset(val_set, image_size, batch, training=False)
     total_steps = config.train.epochs * steps_per_epoch
 
@@ -376,22 +430,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager = checkpoint.CheckpointManager(
         checkpoints_dir,
         keep=config.checkpoint.keep,
-        model=model,
-        optimizer=model.optimizer,
-        reference=run.reference,
+        **checkpoint.model_objects(model, run.reference),
     )
-    state = manager.restore_latest() if config.resume else None
+    state = _restore(manager, run, has_checkpoints) if config.resume else None
     history = state["history"] if state else []
-    initial_epoch = state["epoch"] if state else 0
-    if initial_epoch == 0:  # a resumed run's checkpoint holds its statistics
+    epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
+    if state is None:  # a resumed run's checkpoint holds its statistics
         reestimate_if_configured(config, run)
-
-    # The training stream is a pure function of the seed: skipping the batches
-    # of finished epochs continues it exactly where the last run stopped.
-    train_ds = data.make_dataset(
-        train_set, image_size, batch, training=True, seed=config.seed,
-        skip_batches=initial_epoch * steps_per_epoch,
-    )
+    else:  # a constant rate is an optimizer variable: the config's, not the checkpoint's
+        rate = learning_rate_schedule(config.optimizer, total_steps)
+        if isinstance(rate, float):
+            model.optimizer.learning_rate = rate
 
     # ------------------------------------------- learning rate "auto" (range test)
     if config.optimizer.learning_rate == "auto":
@@ -429,35 +478,69 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _write_history(history_path, history)
 
     schedule = freezing.StageSchedule(
-        stages, config.freeze.method, config.freeze.batchnorm, block_lr
+        stages, config.freeze.method, config.freeze.batchnorm, block_lr, steps_per_epoch
     )
+    progress = callbacks.ProgressLog(config.train.epochs)
+    progress.steps_per_epoch = steps_per_epoch
+    saver = checkpoint.TrainingCheckpoint(
+        manager,
+        history,
+        steps_per_epoch,
+        every_steps=config.checkpoint.every_steps,
+        every_seconds=config.checkpoint.every_seconds,
+        extra={"class_names": dataset.class_names, "seed": config.seed},
+        preemption=watch,
+        describe_stage=schedule.describe,
+    )
+    stop_on_nan = callbacks.StopOnNonFiniteLoss()
     fit_callbacks = [
         schedule,
         freezing.BlockDrift(),
-        callbacks.StopOnNonFiniteLoss(),
+        stop_on_nan,  # before the save: a NaN step is never checkpointed
         throughput,
-        checkpoint.EpochCheckpoint(manager, history, {"class_names": dataset.class_names}),
-        _WriteHistory(),
         keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
-        callbacks.ProgressLog(config.train.epochs),
-    ]
-    if initial_epoch < config.train.epochs:
-        logging.info(
-            "Training epochs %d..%d of %d, %d steps each.",
-            initial_epoch + 1, config.train.epochs, config.train.epochs, steps_per_epoch,
+        progress,
+        _WriteHistory(),
+        saver,  # last: the epoch's logs are complete when it stores them
+    ] + extra_callbacks
+    if watch.requested:  # SIGTERM during start-up: nothing new to save
+        raise checkpoint.Preempted(state["path"] if state else None, epoch * steps_per_epoch + step)
+
+    def fit(first_epoch: int, last_epoch: int, first_step: int) -> None:
+        # The training stream is a pure function of the seed: skipping the
+        # batches already consumed continues it exactly where a run stopped.
+        train_ds = data.make_dataset(
+            train_set, image_size, batch, training=True, seed=config.seed,
+            skip_batches=first_epoch * steps_per_epoch + first_step,
         )
+        for callback in (schedule, stop_on_nan, progress):
+            callback.resume_at(first_step)
+        saver.resume_at(first_step, state.get("metric_sums") if state else None)
         model.fit(
             train_ds,
             validation_data=val_ds,
-            epochs=config.train.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
+            epochs=last_epoch,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch - first_step,
             callbacks=fit_callbacks,
             shuffle=False,  # the stream is already shuffled, by seed and pass
             verbose=0,  # ProgressLog prints the lines that matter
         )
+
+    if epoch < config.train.epochs:
+        logging.info(
+            "Training epochs %d..%d of %d, %d steps each%s.",
+            epoch + 1, config.train.epochs, config.train.epochs, steps_per_epoch,
+            f", starting at step {step + 1} of epoch {epoch + 1}" if step else "",
+        )
+        if step:  # first the rest of the interrupted epoch, on its own
+            fit(epoch, epoch + 1, step)
+            epoch, step = epoch + 1, 0
+        if epoch < config.train.epochs:
+            fit(epoch, config.train.epochs, 0)
     else:
         logging.info("All %d epochs are done; evaluating and exporting.", config.train.epochs)
+    _write_history(history_path, history)
 
     # ---------------------------------------------------------- evaluate, export
     results = model.evaluate(val_ds, verbose=0, return_dict=True)
@@ -472,6 +555,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "val_images": len(val_set),
         "num_classes": len(dataset.class_names),
         "replicas": strategy.num_replicas_in_sync,
+        "resumed_from": state["path"] if state else None,
     }
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params

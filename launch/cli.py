@@ -4,8 +4,9 @@ Exit codes:
     0  success
     1  an unexpected error (a bug: the traceback is printed)
     2  bad input: flags, config, data, weights, workdir (one line on stderr)
-    3  launch.train: the training loss became NaN or infinite
+    3  launch.train: the training loss or weights became NaN or infinite
        launch.export: the TFLite model failed its parity check
+    42 launch.train: preempted (SIGTERM); saved, rerun to resume
 """
 
 import sys

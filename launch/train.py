@@ -9,7 +9,14 @@ Exit codes:
     0  success
     1  an unexpected error (a bug: the traceback is printed)
     2  bad input: config, data, weights (one line on stderr says what and how)
-    3  the training loss became NaN or infinite (the last checkpoint is intact)
+    3  the training loss (or a weight) became NaN or infinite; the last
+       checkpoint is intact and finite: lower the learning rate and rerun
+    42 preempted: SIGTERM arrived, a checkpoint was saved at the next step
+       boundary; rerun the same command to resume (TensorFlow's restart code)
+
+The command is idempotent: a scheduler can simply run it again after any
+exit, including a kill -9; it resumes at the newest complete checkpoint and
+does nothing more once the run is complete.
 """
 
 
@@ -33,13 +40,17 @@ def main(argv):
     config = cli.loaded_config(_CONFIG)
     if config is None:
         return cli.EXIT_BAD_INPUT
-    from keras_ft import callbacks, trainer  # after flag parsing: TF is slow to import
+    # After flag parsing: TensorFlow is slow to import.
+    from keras_ft import checkpoint, preemption, trainer
 
     try:
         trainer.train(config, _WORKDIR.value)
-    except callbacks.NonFiniteLoss as e:
+    except FloatingPointError as e:  # callbacks.NonFiniteLoss, checkpoint.NonFiniteState
         cli.fail(e)
         return EXIT_NON_FINITE_LOSS
+    except checkpoint.Preempted as e:
+        logging.warning("%s", e)
+        return preemption.EXIT_PREEMPTED
     except cli.INPUT_ERRORS as e:
         return cli.fail(e)
     return 0
