@@ -187,10 +187,7 @@ class CheckpointManager:
                     path, str(e).splitlines()[0] if str(e) else type(e).__name__,
                 )
                 continue
-            logging.info(
-                "Resumed from %s: %d epoch(s) and %d step(s) done (global step %d).",
-                path, state["epoch"], state["step"], state["global_step"],
-            )
+            logging.info("Restored %s.", path)
             return dict(state, path=path)
         return None
 

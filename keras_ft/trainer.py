@@ -369,6 +369,10 @@ def _restore(manager, run: Setup, has_checkpoints: bool) -> dict | None:
             f"steps per epoch, the data now gives {run.steps_per_epoch} (files were "
             "added or removed). Restore the data, or use --config.resume=False."
         )
+    logging.info(
+        "Resumed from %s: %d epoch(s) and %d step(s) done (global step %d), stage %s.",
+        state["path"], state["epoch"], state["step"], state["global_step"], state["stage"],
+    )
     return state
 
 

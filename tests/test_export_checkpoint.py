@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_ft
-from keras_ft import checkpoint, data, export
+from keras_ft import checkpoint, data, export, preemption
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,11 @@ def test_checkpoints_are_atomic_kept_and_fall_back(tmp_path, model):
     for epoch in (1, 2, 3):
         kernel.assign(original + epoch)
         manager.save(epoch, {"history": [{"loss": float(epoch)}] * epoch})
-    assert [os.path.basename(p) for p in manager.all()] == ["ckpt-000002", "ckpt-000003"]
+    assert [os.path.basename(p) for p in manager.all()] == ["ckpt-000000002", "ckpt-000000003"]
 
     kernel.assign(original)
     state = manager.restore_latest()
-    assert state["epoch"] == 3 and len(state["history"]) == 3
+    assert state["global_step"] == 3 and len(state["history"]) == 3
     np.testing.assert_array_equal(kernel.numpy(), original + 3)
 
     # Truncate the newest checkpoint's data: the previous one is used.
@@ -70,5 +70,41 @@ def test_checkpoints_are_atomic_kept_and_fall_back(tmp_path, model):
     with open(os.path.join(newest, data_file), "r+b") as f:
         f.truncate(10)
     state = manager.restore_latest()
-    assert state["epoch"] == 2
+    assert state["global_step"] == 2
     np.testing.assert_array_equal(kernel.numpy(), original + 2)
+
+
+def test_a_non_finite_variable_is_never_saved(tmp_path, model):
+    directory = str(tmp_path / "ckpt")
+    manager = checkpoint.CheckpointManager(directory, model=model, optimizer=model.optimizer)
+    manager.save(1, {})
+    kernel = model.head.kernel
+    original = kernel.numpy().copy()
+    poisoned = original.copy()
+    poisoned[0, 0] = np.inf
+    kernel.assign(poisoned)
+    try:
+        with pytest.raises(checkpoint.NonFiniteState, match=r"step 2: 1 variable\(s\).*head"):
+            manager.save(2, {})
+    finally:
+        kernel.assign(original)
+    assert os.listdir(directory) == ["ckpt-000000001"]  # nothing written, nothing lost
+
+
+def test_model_objects_hold_the_random_state_of_dropout(model):
+    objects = checkpoint.model_objects(model, model.snapshot_reference())
+    (state,) = objects["rng"]  # the one dropout layer's
+    assert state.path.endswith("seed_generator_state")
+    assert objects["optimizer"] is model.optimizer
+
+
+def test_sigterm_is_recorded_not_fatal_while_watched():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.Watch() as watch:
+        assert not watch.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert watch.requested
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "nothing new to save" in str(checkpoint.Preempted(None, 0))

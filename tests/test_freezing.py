@@ -147,6 +147,27 @@ def test_step_based_stage_switch_mid_epoch():
     assert schedule.info.lowest_block == "stem"
 
 
+def test_step_based_stages_count_the_steps_done_before_a_resumed_fit():
+    model = make_model()
+    x, y = batch(16)
+    switches = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            switches.append(schedule.current)
+
+    # A 4-step epoch resumed after 2 steps: its fit() runs 2 more, which are
+    # steps 3 and 4 of the run; the second stage starts at step 4.
+    schedule = freezing.StageSchedule(
+        [{"steps": 3, "blocks": 0}, {"steps": 1, "blocks": -1}], steps_per_epoch=4
+    )
+    schedule.resume_at(2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[schedule, Probe()])
+    assert switches == [0, 1]
+    assert schedule.describe() == "2/2: all blocks, lr x 1"
+    assert schedule.first_step == 0  # the next epoch starts at its first step
+
+
 def test_reestimate_changes_only_moving_statistics():
     model = make_model(compile=False, normalize=False)
     before = snapshot(model)

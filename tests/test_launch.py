@@ -33,7 +33,8 @@ def test_workdir_contract_and_resume(tmp_path, images):
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["ckpt-000001", "ckpt-000002"]
+    # Epoch ends only (every_seconds=600 does not come up): named by global step.
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["ckpt-000000003", "ckpt-000000006"]
     assert os.listdir(workdir / "tensorboard")
     # The stage schedule ran: head first, then the top two blocks.
     assert "Stage 1/2 at epoch 1: head only" in result.stderr
@@ -53,19 +54,27 @@ def test_workdir_contract_and_resume(tmp_path, images):
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
 
     # Losing the last checkpoint (as if killed during epoch 2) resumes epoch 2 only.
-    shutil.rmtree(workdir / "checkpoints" / "ckpt-000002")
+    shutil.rmtree(workdir / "checkpoints" / "ckpt-000000006")
     resumed = run_train(workdir, source)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed from" in resumed.stderr and "ckpt-000001" in resumed.stderr
+    assert "ckpt-000000003: 1 epoch(s) and 0 step(s) done" in resumed.stderr
     assert "Training epochs 2..2 of 2" in resumed.stderr
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
     with open(workdir / "history.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
     # A changed config cannot silently resume.
-    changed = run_train(workdir, source, "--config.optimizer.learning_rate=0.5")
+    changed = run_train(workdir, source, "--config.optimizer.momentum=0.5")
     assert changed.returncode == 2
-    assert "optimizer.learning_rate: 0.01 -> 0.5" in error_line(changed)
+    assert "optimizer.momentum: 0.9 -> 0.5" in error_line(changed)
+
+    # Nor can a workdir whose checkpoints are all unreadable silently start over.
+    for name in os.listdir(workdir / "checkpoints"):
+        os.remove(workdir / "checkpoints" / name / "state.json")
+    unreadable = run_train(workdir, source)
+    assert unreadable.returncode == 2
+    assert "is readable" in error_line(unreadable) and "resume=False" in error_line(unreadable)
+    assert len(os.listdir(workdir / "checkpoints")) == 2  # nothing was deleted
 
 
 @pytest.mark.parametrize(

@@ -241,7 +241,7 @@ def test_train_with_auto_learning_rate_then_resume(tmp_path, images):
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
     # Resuming reuses the saved suggestion; the range test does not run again.
     os.remove(workdir / "lr_find" / "lr_find.csv")
-    shutil.rmtree(workdir / "checkpoints" / "ckpt-000002")
+    shutil.rmtree(workdir / "checkpoints" / "ckpt-000000006")
     resumed = run_train(workdir, *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"optimizer.learning_rate=auto: {found:.4g}, resumed from" in resumed.stderr

@@ -1,0 +1,209 @@
+"""Fault injection: the run survives kill -9, a kill during a save, a
+truncated checkpoint, SIGTERM and a NaN, and ends where an uninterrupted
+run ends.
+
+Every test runs a small fine-tune (tiny config: 3 epochs x 4 steps, a
+checkpoint every 2 steps, freezing stage 2 from epoch 2, dropout) on real
+PNG/JPEG files, injects one fault with `tests/faults.py`, reruns the plain
+`python -m launch.train` command and compares the final checkpoint with an
+uninterrupted run's: every variable (weights, optimizer slots, iteration
+count, random-number state) and every history.csv value, bitwise with
+`deterministic=True`.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, error_line, run_train
+
+from keras_ft import preemption
+
+STEPS = 12  # 3 epochs x 4 steps
+
+
+def flags(images, deterministic=True):
+    return [
+        f"--config.data.source=folder:{images}",
+        "--config.train.epochs=3",
+        "--config.train.steps_per_epoch=4",
+        "--config.checkpoint.every_steps=2",
+        f"--config.deterministic={deterministic}",
+        "--config.export.enabled=False",
+    ]
+
+
+def run_fault(workdir, kind, step, *overrides):
+    cmd = [sys.executable, "tests/faults.py", kind, str(step),
+           "--config=configs/tiny.py", f"--workdir={workdir}", *overrides]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checkpoints(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def final_state(workdir):
+    """{name: array} of the workdir's final checkpoint, and its history rows."""
+    path = os.path.join(workdir, "checkpoints", f"ckpt-{STEPS:09d}", "ckpt")
+    reader = tf.train.load_checkpoint(path)
+    tensors = {
+        name: reader.get_tensor(name)
+        for name in reader.get_variable_to_shape_map()
+        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    }
+    with open(os.path.join(workdir, "history.csv")) as f:
+        history = list(csv.DictReader(f))
+    return tensors, history
+
+
+def assert_same_run(workdir, reference, atol=0.0):
+    got, got_history = final_state(workdir)
+    want, want_history = final_state(reference)
+    assert sorted(got) == sorted(want)
+    assert any("rng" in name for name in got)  # dropout's random state is saved
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol, err_msg=name)
+    assert len(got_history) == len(want_history) == 3
+    for row, expected in zip(got_history, want_history):
+        assert row.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_allclose(float(row[key]), float(expected[key]), rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, images):
+    """The uninterrupted run, deterministic."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_train(workdir, *flags(images))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints(workdir) == ["ckpt-000000010", "ckpt-000000012"]
+    return workdir
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_resumes_at_the_step_bitwise(tmp_path, images, reference):
+    workdir = tmp_path / "run"
+    killed = run_fault(workdir, "kill", 7, *flags(images))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    # Step 6 (epoch 2, step 2) was the last save; step 7 was lost with the process.
+    assert checkpoints(workdir) == ["ckpt-000000004", "ckpt-000000006"]
+
+    resumed = run_train(workdir, *flags(images))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ckpt-000000006: 1 epoch(s) and 2 step(s) done (global step 6)" in resumed.stderr
+    assert "starting at step 3 of epoch 2" in resumed.stderr
+    assert "Stage 2/2 at epoch 2" in resumed.stderr
+    assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_leaves_only_complete_checkpoints(tmp_path, images, reference):
+    workdir = tmp_path / "run"
+    killed = run_fault(workdir, "kill_in_save", 5, *flags(images))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    # The save of step 6 died before its rename: it is a hidden temporary folder.
+    names = checkpoints(workdir)
+    assert [n for n in names if not n.startswith(".tmp-")] == ["ckpt-000000002", "ckpt-000000004"]
+    assert len(names) == 3
+    for name in names[-2:]:
+        assert os.path.exists(os.path.join(workdir, "checkpoints", name, "state.json"))
+
+    resumed = run_train(workdir, *flags(images))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Removing incomplete checkpoint .tmp-" in resumed.stderr
+    assert "ckpt-000000004: 1 epoch(s) and 0 step(s) done" in resumed.stderr
+    assert not [n for n in checkpoints(workdir) if n.startswith(".")]
+    assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path, images, reference):
+    workdir = tmp_path / "run"
+    assert run_fault(workdir, "kill", 7, *flags(images)).returncode == -9
+    newest = workdir / "checkpoints" / "ckpt-000000006"
+    (data_file,) = [f for f in os.listdir(newest) if f.startswith("ckpt.data")]
+    with open(newest / data_file, "r+b") as f:
+        f.truncate(100)
+
+    resumed = run_train(workdir, *flags(images))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ckpt-000000006 is unreadable" in resumed.stderr
+    assert "ckpt-000000004: 1 epoch(s) and 0 step(s) done" in resumed.stderr
+    assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_exits_42_and_resumes(tmp_path, images):
+    # Without op determinism: the resumed run must still match, within 1e-6.
+    reference = tmp_path / "reference"
+    assert run_train(reference, *flags(images, deterministic=False)).returncode == 0
+
+    workdir = tmp_path / "run"
+    stopped = run_fault(workdir, "sigterm", 7, *flags(images, deterministic=False))
+    assert stopped.returncode == preemption.EXIT_PREEMPTED == 42, stopped.stderr[-3000:]
+    assert "SIGTERM received: saving a checkpoint at the next step boundary" in stopped.stderr
+    assert "Preempted: saved" in stopped.stderr and "at step 7" in stopped.stderr
+    assert checkpoints(workdir) == ["ckpt-000000006", "ckpt-000000007"]
+
+    resumed = run_train(workdir, *flags(images, deterministic=False))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ckpt-000000007: 1 epoch(s) and 3 step(s) done" in resumed.stderr
+    assert_same_run(workdir, reference, atol=1e-6)
+    metrics = (workdir / "metrics.json").read_text()
+    assert f'"steps": {STEPS}' in metrics  # exactly the planned steps, none twice
+
+
+@pytest.mark.slow
+def test_nan_stops_with_exit_3_keeps_finite_checkpoints_and_resumes_at_lower_lr(
+    tmp_path, images
+):
+    workdir = tmp_path / "run"
+    failed = run_fault(workdir, "nan", 7, *flags(images))
+    assert failed.returncode == 3, failed.stderr[-3000:]
+    line = error_line(failed)
+    assert "Training loss is nan at epoch 2, step 3" in line
+    assert "Lower optimizer.learning_rate" in line
+    assert checkpoints(workdir) == ["ckpt-000000004", "ckpt-000000006"]
+    for name in checkpoints(workdir):
+        reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / name / "ckpt"))
+        for key in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(key)
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH" and value.dtype.kind == "f":
+                assert np.isfinite(value).all(), (name, key)
+
+    resumed = run_train(workdir, *flags(images), "--config.optimizer.learning_rate=0.001")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming with optimizer.learning_rate changed: 0.01 -> 0.001" in resumed.stderr
+    assert "ckpt-000000006: 1 epoch(s) and 2 step(s) done" in resumed.stderr
+    tensors, history = final_state(workdir)
+    assert all(np.isfinite(v).all() for v in tensors.values() if v.dtype.kind == "f")
+    assert len(history) == 3
+
+
+@pytest.mark.slow
+def test_preempted_mirrored_run_resumes_mid_epoch(tmp_path, images):
+    # Two replicas: the epoch's metric sums are restored into replica-local
+    # (sync-on-read) variables. Weights match bitwise; the resumed epoch's
+    # mean loss to float32 rounding of those sums (1e-6).
+    mirrored = [*flags(images), "--config.distribute.strategy=mirrored",
+                "--config.distribute.cpu_devices=2"]
+    reference = tmp_path / "reference"
+    assert run_train(reference, *mirrored).returncode == 0
+    workdir = tmp_path / "run"
+    assert run_fault(workdir, "sigterm", 7, *mirrored).returncode == 42
+    resumed = run_train(workdir, *mirrored)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "MirroredStrategy with 2 replica(s)" in resumed.stderr
+    assert "ckpt-000000007: 1 epoch(s) and 3 step(s) done" in resumed.stderr
+    got, _ = final_state(workdir)
+    want, _ = final_state(reference)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert_same_run(workdir, reference, atol=1e-6)
