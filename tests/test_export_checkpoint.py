@@ -108,3 +108,38 @@ def test_sigterm_is_recorded_not_fatal_while_watched():
         assert watch.requested
     assert signal.getsignal(signal.SIGTERM) == before
     assert "nothing new to save" in str(checkpoint.Preempted(None, 0))
+
+
+def test_training_checkpoint_saves_steps_epoch_ends_and_metric_sums(tmp_path, model):
+    import json
+
+    directory = str(tmp_path / "ckpt")
+    manager = checkpoint.CheckpointManager(
+        directory, keep=10, **checkpoint.model_objects(model, model.snapshot_reference())
+    )
+    history = []
+    # every_seconds tiny: a save after every step; the epoch's last step is
+    # saved once, by the epoch end.
+    saver = checkpoint.TrainingCheckpoint(manager, history, 3, every_seconds=1e-9)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (12, 32, 32, 3)).astype(np.float32)
+    y = np.arange(12) % 3
+    start = int(model.optimizer.iterations.numpy())
+    model.fit(x, y, batch_size=4, epochs=2, steps_per_epoch=3, verbose=0, callbacks=[saver])
+    assert int(model.optimizer.iterations.numpy()) == start + 6
+    assert [os.path.basename(p) for p in manager.all()] == [
+        f"ckpt-{s:09d}" for s in range(1, 7)
+    ]
+
+    def state(step):
+        with open(os.path.join(directory, f"ckpt-{step:09d}", checkpoint.STATE_FILE)) as f:
+            return json.load(f)
+
+    mid, end = state(5), state(3)
+    assert (mid["epoch"], mid["step"], len(mid["history"])) == (1, 2, 1)
+    assert (end["epoch"], end["step"], len(end["history"])) == (1, 0, 1)
+    assert end["metric_sums"] is None
+    # Loss tracker (total, count): two 4-image steps of the second epoch.
+    total, count = mid["metric_sums"][:2]
+    assert count == 8 and np.isfinite(total) and total > 0
+    assert len(history) == 2 and "loss" in history[0]
