@@ -122,3 +122,19 @@ def test_bad_image_files_are_skipped_and_listed_or_stop_the_run(tmp_path, policy
     listed = json.dumps(scan)
     assert "cut.png" in listed and "notes.jpg" in listed
     assert "cut.png" in result.stderr  # the log lists them too
+
+
+@pytest.mark.slow
+def test_resume_refuses_data_that_changed_under_the_checkpoints(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"dark": 10, "light": 10})
+    common = [f"--config.data.source=folder:{root}", "--config.train.epochs=1",
+              "--config.train.steps_per_epoch=0", "--config.export.enabled=False"]
+    first = run_train(tmp_path / "run", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    write_image_folder(tmp_path / "more", {"dark": 8}, seed=1)
+    for name in os.listdir(tmp_path / "more" / "dark"):
+        shutil.move(tmp_path / "more" / "dark" / name, tmp_path / "data" / "dark" / f"new-{name}")
+    again = run_train(tmp_path / "run", *common)
+    assert again.returncode == 2
+    line = error_line(again)
+    assert "has 4 steps per epoch, the data now gives 5" in line and "resume=False" in line
