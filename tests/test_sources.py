@@ -1,13 +1,15 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import error_line, run_train, write_image_folder
+from conftest import REPO, error_line, run_train, write_image_folder
 from keras_ft import data, sources, trainer, validate
 
 FLOWERS = ["dandelion", "daisy", "tulips", "sunflowers", "roses"]  # tf_flowers' ClassLabel order
@@ -411,3 +413,25 @@ def test_train_from_a_csv_and_fail_on_a_bad_one(tmp_path, images):
     result = run_train(tmp_path / "bad_run", f"--config.data.source=csv:{bad}")
     assert result.returncode == 2
     assert error_line(result).startswith(f"error: {bad} line 3: empty label for ")
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_split_train_and_val_folders_alike(tmp_path):
+    write_image_folder(tmp_path / "data" / "train", {"dark": 8, "light": 8})
+    write_image_folder(tmp_path / "data" / "val", {"dark": 3, "light": 2}, seed=1)
+    workdir = tmp_path / "run"
+    trained = run_train(
+        workdir, f"--config.data.source=folder:{tmp_path / 'data'}", "--config.export.enabled=False"
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert (metrics["train_images"], metrics["val_images"]) == (16, 5)  # not val_fraction's share
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "launch.evaluate", f"--workdir={workdir}"], cwd=REPO,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True, timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    assert report["num_images"] == 5
+    assert report["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+    assert report["recipe"]["train / validation images"] == "16 / 5 (the source's own split)"
