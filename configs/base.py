@@ -36,9 +36,37 @@ def get_config(arg=None):
     config.model.dropout = 0.2  # dropout before the new head
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "sample:lfw_faces"  # "folder:PATH" (a sub-folder per
-    #   class) or "sample:NAME" (a small real set built from packaged files)
-    config.data.val_fraction = 0.2  # share of each class held out, split by seed
+    # Where the images come from (keras_ft.sources):
+    #   "folder:PATH"  a sub-folder per class (sorted names = classes), images
+    #                  at any depth inside; PATH/train + PATH/val (or
+    #                  validation) with the same classes = the split
+    #   "csv:PATH"     header + columns path,label: paths relative to the
+    #                  CSV's folder or absolute; labels class names (sorted =
+    #                  classes) or integers 0..K-1 (K = data.num_classes or
+    #                  the largest + 1), not a mix
+    #   "tfds:NAME"    a prepared TensorFlow Datasets dataset, NAME as tfds.load
+    #                  takes it ("tf_flowers", "imagenette/160px"); classes from
+    #                  its ClassLabel; read into memory (encoded); data.tfds_*
+    #   "sample:NAME"  a small real set built from packaged files (lfw_faces)
+    config.data.source = "sample:lfw_faces"
+    config.data.val_fraction = 0.2  # share of each class held out, split by
+    #   seed; unused when the source has its own split (train/ + val/ folders,
+    #   data.tfds_val_split)
+    config.data.num_classes = 0  # the classes the data must have (a clear error
+    #   otherwise); for a CSV with integer labels, the label range; 0 = from the data
+    config.data.tfds_split = "train"  # TFDS split (spec) to train on: "train",
+    #   "train[:90%]", "train+validation"
+    config.data.tfds_val_split = ""  # TFDS split to validate on ("validation",
+    #   "test"); "" = a seeded share (val_fraction) of tfds_split
+    config.data.tfds_data_dir = ""  # where prepared TFDS datasets are; "" =
+    #   $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.tfds_download = False  # download and prepare a missing dataset.
+    #   False: a missing one fails at once, saying what to prepare where (an
+    #   offline download would retry for minutes; and one machine should
+    #   prepare it, not every worker of a multi-host run)
+    config.data.tfds_image_key = "image"  # the dataset's Image feature
+    config.data.tfds_label_key = "label"  # its ClassLabel feature (e.g. cifar100:
+    #   "coarse_label")
     config.data.bad_files = "skip"  # unreadable/truncated/non-image/oversized files:
     #   "skip" (listed in the log and workdir/data_scan.json) or "fail" (stop)
 

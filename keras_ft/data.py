@@ -1,95 +1,74 @@
-"""Training data: sources, a seeded train/validation split, and tf.data.
+"""Training data: images with labels, a train/validation split, and tf.data.
 
-A source resolves to an `ImageSet` (file paths or in-memory images, integer
-labels, class names). `make_dataset` turns one into a batched, prefetched
-`tf.data.Dataset` of float RGB images in [0, 255] at the model's input size;
-the backbone's own preprocessing runs inside the model, not here.
-
-Sources (the `data.source` config key):
-    folder:PATH   one sub-folder per class, image files inside.
-    sample:NAME   a small real image set built from files that ship in a
-                  package (see `keras_ft.samples`), stored as a folder.
+An `ImageSet` holds the images of a source (file paths, decoded arrays, or
+encoded bytes in memory), integer labels and class names; `keras_ft.sources`
+reads one from a `data.source` string (`folder:`, `csv:`, `tfds:`,
+`sample:`). `split` divides it into training and validation images, by the
+seed or as the source itself divides them. `make_dataset` turns an
+`ImageSet` into a batched, prefetched `tf.data.Dataset` of float RGB images
+in [0, 255] at the model's input size; the backbone's own preprocessing runs
+inside the model, not here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 import tensorflow as tf
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-SOURCE_KINDS = ("folder", "sample")
+# The kinds of `ImageSet.images`.
+FILES, ARRAYS, ENCODED = "files", "arrays", "encoded"
 
 
 @dataclasses.dataclass
 class ImageSet:
-    """Images (file paths or a uint8 array `[N, H, W, 3]`) with integer labels."""
+    """Images with integer labels and the names of their classes.
+
+    Attributes:
+        images: one of three kinds (`kind`): a list of image file paths
+            ("files", read and decoded by `make_dataset`); a uint8 array
+            `[N, H, W, 3]` ("arrays", decoded images of one size); or an
+            object array of N `bytes` ("encoded": JPEG/PNG/BMP/GIF files
+            held in memory, any size, as TFDS stores them).
+        labels: int32 `[N]`, indices into `class_names`.
+        class_names: the classes, in label order.
+        val_mask: bool `[N]`: the source's own train/validation split (True =
+            validation), as `train/` and `val/` folders or TFDS splits give
+            it; None when `split` draws one by seed.
+        names: for "encoded" images, how messages name each one
+            (`"tf_flowers train #12"`); None for files (the path names it).
+    """
 
     images: list[str] | np.ndarray
     labels: np.ndarray
     class_names: list[str]
+    val_mask: np.ndarray | None = None
+    names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def kind(self) -> str:
+        """`FILES`, `ARRAYS` or `ENCODED`: what `images` holds."""
+        if not isinstance(self.images, np.ndarray):
+            return FILES
+        return ENCODED if self.images.dtype == object else ARRAYS
+
     def subset(self, index: np.ndarray) -> "ImageSet":
+        index = np.asarray(index, np.int64)
         if isinstance(self.images, np.ndarray):
             images = self.images[index]
         else:
             images = [self.images[i] for i in index]
-        return ImageSet(images, self.labels[index], self.class_names)
-
-
-def load_source(source: str) -> ImageSet:
-    """Resolves a `data.source` string such as `folder:/data/flowers`."""
-    kind, sep, arg = source.partition(":")
-    if not sep or kind not in SOURCE_KINDS or not arg:
-        raise ValueError(
-            f"Unknown data.source {source!r}. Use one of: "
-            + ", ".join(f"{k}:..." for k in SOURCE_KINDS)
-            + " (e.g. folder:/path/to/images)."
+        return ImageSet(
+            images,
+            self.labels[index],
+            self.class_names,
+            None if self.val_mask is None else self.val_mask[index],
+            None if self.names is None else [self.names[i] for i in index],
         )
-    if kind == "sample":
-        from keras_ft import samples  # only the quickstart needs its packages
-
-        return from_folder(samples.materialize(arg))
-    return from_folder(arg)
-
-
-def from_folder(path: str) -> ImageSet:
-    """Reads a folder with one sub-folder of images per class.
-
-    Class names are the sub-folder names in sorted order; files are taken in
-    sorted order, so the same folder always gives the same labels.
-    """
-    if not os.path.isdir(path):
-        raise ValueError(f"Data folder {path!r} does not exist or is not a folder.")
-    class_names = sorted(
-        d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))
-    )
-    if len(class_names) < 2:
-        raise ValueError(
-            f"Data folder {path!r} has {len(class_names)} class sub-folder(s); "
-            "put the images of each class (at least 2) in a sub-folder of their own."
-        )
-    files, labels = [], []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(path, name)
-        found = sorted(
-            os.path.join(class_dir, f)
-            for f in os.listdir(class_dir)
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        if not found:
-            raise ValueError(
-                f"Class folder {class_dir!r} has no image files "
-                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove it."
-            )
-        files += found
-        labels += [label] * len(found)
-    return ImageSet(files, np.asarray(labels, np.int32), class_names)
 
 
 def from_arrays(images, labels, class_names=None) -> ImageSet:
@@ -112,7 +91,7 @@ def from_arrays(images, labels, class_names=None) -> ImageSet:
 
 
 def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Stratified, seeded train/validation split.
+    """Stratified, seeded train/validation split (ignores `data.val_mask`).
 
     Each class contributes `round(n * val_fraction)` (at least one) images to
     validation, chosen by a permutation drawn from `seed`; the same data and
@@ -136,6 +115,31 @@ def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, Ima
     return (
         data.subset(np.sort(np.concatenate(train_idx))),
         data.subset(np.sort(np.concatenate(val_idx))),
+    )
+
+
+def split_as_given(data: ImageSet) -> tuple[ImageSet, ImageSet]:
+    """The source's own train/validation split (`data.val_mask`).
+
+    Every class needs training images; validation may lack a class (a TFDS
+    validation split sometimes does), but not be empty.
+    """
+    if data.val_mask is None:
+        raise ValueError("The data has no split of its own; use split() with a seed.")
+    train = data.subset(np.flatnonzero(~data.val_mask))
+    val = data.subset(np.flatnonzero(data.val_mask))
+    counts = np.bincount(train.labels, minlength=len(data.class_names))
+    empty = [data.class_names[label] for label in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(
+            f"Class {empty[0]!r} has no training images in the source's own "
+            "train/validation split; give it some."
+        )
+    if not len(val):
+        raise ValueError("The source's own validation split has no images.")
+    return (
+        dataclasses.replace(train, val_mask=None),
+        dataclasses.replace(val, val_mask=None),
     )
 
 
@@ -177,13 +181,15 @@ def make_dataset(
     Training drops nothing but never mixes passes inside a batch either:
     every step sees `batch_size` images.
     """
-    in_memory = isinstance(data.images, np.ndarray)
+    kind = data.kind
     images, labels = tf.constant(data.images), tf.constant(data.labels)
 
     def load(index):
         image = images[index]
-        if not in_memory:
-            image = decode_image(tf.io.read_file(image))
+        if kind == FILES:
+            image = tf.io.read_file(image)
+        if kind != ARRAYS:
+            image = decode_image(image)
         return resize_image(image, image_size), labels[index]
 
     if not training:

@@ -30,7 +30,7 @@ from absl import logging
 
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
 from keras_ft import freezing, lr_finder, model as model_lib, optim, preemption, schedules
-from keras_ft import stages as stages_lib, validate
+from keras_ft import sources, stages as stages_lib, validate
 
 # Keys that may differ between a run and its resumption: the learning rate,
 # so that a run stopped by a NaN loss can resume from its last good
@@ -69,9 +69,13 @@ def _write_history(path: str, history: list[dict]) -> None:
 
 
 def _check_resumable(workdir: str, resolved: dict) -> None:
-    """A rerun must match the config the workdir was started with."""
+    """A rerun must match the config the workdir was started with.
+
+    Keys added to keras_ft since the run started count as their defaults, so
+    a new key does not stop old runs from resuming; setting one does.
+    """
     with open(os.path.join(workdir, "config.json")) as f:
-        before = _flatten(json.load(f))
+        before = _flatten(json.loads(json.dumps(_with_defaults(json.load(f)).to_dict())))
     now = _flatten(json.loads(json.dumps(resolved)))
     differing = sorted(
         k for k in before.keys() | now.keys()
@@ -100,20 +104,40 @@ def _set_aside_old_run(workdir: str) -> None:
 def load_splits(data_config, seed: int):
     """The data of a run, split as every entry point must split it.
 
-    Every file is checked first (`keras_ft.validate`): bad ones are skipped
+    Every image is checked first (`keras_ft.validate`): bad ones are skipped
     and listed, or stop the run (`bad_files`), never dropped silently or met
-    halfway through an epoch. Then the seeded, stratified split.
+    halfway through an epoch. Then the source's own train/validation split
+    (train/ and val/ folders, `data.tfds_val_split`) if it has one, else the
+    seeded, stratified split.
 
     Args:
-        data_config: the `data` sub-config (a ConfigDict or a saved dict).
+        data_config: the `data` sub-config (a ConfigDict, or a saved dict:
+            keys added since it was saved take their defaults).
         seed: the run's seed.
 
     Returns:
         `(dataset, train_set, val_set, scan_report)`.
     """
-    dataset = data.load_source(data_config["source"])
-    dataset, scan_report = validate.scan(dataset, policy=data_config.get("bad_files", "skip"))
-    train_set, val_set = data.split(dataset, data_config["val_fraction"], seed)
+    if isinstance(data_config, ml_collections.ConfigDict):
+        data_config = data_config.to_dict()
+    config = _with_defaults({"data": dict(data_config)}).data
+    dataset = sources.load_source(
+        config.source,
+        num_classes=config.num_classes,
+        tfds_split=config.tfds_split,
+        tfds_val_split=config.tfds_val_split,
+        tfds_data_dir=config.tfds_data_dir,
+        tfds_download=config.tfds_download,
+        tfds_image_key=config.tfds_image_key,
+        tfds_label_key=config.tfds_label_key,
+    )
+    dataset, scan_report = validate.scan(
+        dataset, policy=config.bad_files, num_classes=config.num_classes or None
+    )
+    if dataset.val_mask is None:
+        train_set, val_set = data.split(dataset, config.val_fraction, seed)
+    else:
+        train_set, val_set = data.split_as_given(dataset)
     return dataset, train_set, val_set, scan_report
 
 
@@ -314,8 +338,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         )
     steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
     logging.info(
-        "Data %s: %d train / %d validation images, %d classes (%s).",
+        "Data %s: %d train / %d validation images (%s), %d classes (%s).",
         config.data.source, len(train_set), len(val_set),
+        "the source's own split" if dataset.val_mask is not None
+        else f"val_fraction {config.data.val_fraction}, seed {config.seed}",
         len(dataset.class_names), ", ".join(dataset.class_names[:10]),
     )
 

@@ -15,10 +15,13 @@ real `tf.io.decode_image` of what is left. Grayscale, alpha, CMYK and 16-bit
 images are fine (`data.decode_image` makes them 3-channel 8-bit) and
 are only counted.
 
-Label checks (the only ones for in-memory arrays): labels within the class
-names, `num_classes` agreeing with the data, at least 2 classes, no class left
-without images. Per-class counts are always reported; `class_weights` gives
-inverse-frequency weights for imbalanced data.
+Encoded images held in memory (a `tfds:` source) get the same checks as
+files: TFDS stores an image file's bytes as they were, broken or not.
+
+Label checks (the only ones for decoded in-memory arrays): labels within the
+class names, `num_classes` agreeing with the data, at least 2 classes, no
+class left without images. Per-class counts are always reported;
+`class_weights` gives inverse-frequency weights for imbalanced data.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def scan(
     """Checks every image and label before training.
 
     Args:
-        images: the data, as file paths or in-memory arrays.
+        images: the data: file paths, encoded images, or decoded arrays.
         policy: `"skip"` drops bad files (each listed in the report) and
             returns the rest; `"fail"` raises on the first scan with any bad
             file, listing them.
@@ -155,15 +158,19 @@ def scan(
     _check_labels(images, num_classes)
     start = time.monotonic()
     names = images.class_names
-    if isinstance(images.images, np.ndarray):
+    if images.kind == data.ARRAYS:
         counts = np.bincount(images.labels, minlength=len(names))
         report = Report(len(images), list(names), dict(zip(names, counts.tolist())))
         _check_no_empty_class(report, images)
         report.seconds = time.monotonic() - start
         return images, report
 
-    paths = list(images.images)
-    results = _check_files(paths, max_pixels)
+    if images.kind == data.FILES:
+        paths = list(images.images)
+        results = _check_files(paths, max_pixels)
+    else:  # encoded bytes, named for the report
+        paths = images.names or [f"image #{i}" for i in range(len(images))]
+        results = _check_files(list(images.images), max_pixels)
     bad_files, bad_by_kind = [], collections.Counter()
     converted = collections.Counter()
     keep = []
@@ -261,8 +268,10 @@ def _check_no_empty_class(report: Report, images: data.ImageSet) -> None:
 # ------------------------------------------------------------------- files
 
 
-def _check_files(paths: list[str], max_pixels: int) -> list[tuple[str | None, str, tuple[str, ...]]]:
-    """`(bad kind or None, reason, conversions)` per path, in order."""
+def _check_files(
+    paths: list[str] | list[bytes], max_pixels: int
+) -> list[tuple[str | None, str, tuple[str, ...]]]:
+    """`(bad kind or None, reason, conversions)` per file path or encoded image."""
     results = [None] * len(paths)
     start = last_log = time.monotonic()
     workers = min(16, os.cpu_count() or 1)
@@ -280,12 +289,15 @@ def _check_files(paths: list[str], max_pixels: int) -> list[tuple[str | None, st
     return results
 
 
-def _check_file(path: str, max_pixels: int):
-    try:
-        with open(path, "rb") as f:
-            blob = f.read()
-    except OSError as e:
-        return UNREADABLE, f"unreadable ({e.strerror or e})", ()
+def _check_file(path: str | bytes, max_pixels: int):
+    if isinstance(path, bytes):
+        blob = path
+    else:
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            return UNREADABLE, f"unreadable ({e.strerror or e})", ()
     if not blob:
         return EMPTY, "empty file (0 bytes)", ()
     fmt = _sniff(blob)

@@ -2,7 +2,8 @@
 
     python -m launch.evaluate --workdir=/tmp/qs
 
-Rebuilds the validation split exactly as the trainer did (same source,
+Rebuilds the validation split exactly as the trainer did
+(`trainer.load_splits`: same source, and the source's own split or the same
 `data.val_fraction` and seed), classifies it with the newest checkpoint and
 writes `WORKDIR/report/`:
 
@@ -32,8 +33,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a keras_ft trainin
 flags.mark_flags_as_required(["workdir"])
 
 
-def recipe(config: dict, metrics: dict) -> dict:
-    """The settings a reader needs to reproduce the run, as display strings."""
+def recipe(config: dict, metrics: dict, own_split: bool = False) -> dict:
+    """The settings a reader needs to reproduce the run, as display strings.
+
+    `own_split`: the validation images are the source's own (train/ and val/
+    folders, a TFDS split), not a seeded share.
+    """
     from keras_ft import stages as stages_lib
 
     model, opt, freeze = config["model"], config["optimizer"], config["freeze"]
@@ -56,8 +61,10 @@ def recipe(config: dict, metrics: dict) -> dict:
         "epochs": config["train"]["epochs"],
         "data source": config["data"]["source"],
         "train / validation images": f"{metrics.get('train_images', '?')} / "
-        f"{metrics.get('val_images', '?')} (val_fraction {config['data']['val_fraction']}, "
-        f"seed {config['seed']})",
+        f"{metrics.get('val_images', '?')} ("
+        + ("the source's own split" if own_split
+           else f"val_fraction {config['data']['val_fraction']}, seed {config['seed']}")
+        + ")",
         "trainer's val_accuracy (metrics.json)": metrics.get("val_accuracy", "?"),
     }
 
@@ -102,7 +109,7 @@ def main(argv):
         "split": "validation",
         "checkpoint": f"checkpoints/ckpt-{state['epoch']:06d} (epoch {state['epoch']})",
         **report.evaluate(val.labels, probabilities, state["class_names"]),
-        "recipe": recipe(config, metrics),
+        "recipe": recipe(config, metrics, own_split=images.val_mask is not None),
         "figures": {},
         "notes": [],
     }

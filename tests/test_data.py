@@ -1,25 +1,13 @@
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import write_image_folder
-from keras_ft import data
-
-
-def test_folder_labels_and_class_names(tmp_path):
-    root = write_image_folder(tmp_path, {"cat": 3, "dog": 4})
-    os.makedirs(tmp_path / "dog" / "notes")  # sub-folders inside a class are ignored
-    (tmp_path / "dog" / "readme.txt").write_text("not an image")
-    images = data.from_folder(root)
-    assert images.class_names == ["cat", "dog"]
-    assert images.labels.tolist() == [0] * 3 + [1] * 4
-    assert all(p.endswith((".png", ".jpg")) for p in images.images)
+from keras_ft import data, sources
 
 
 def test_split_is_seeded_stratified_and_disjoint(tmp_path):
-    images = data.from_folder(write_image_folder(tmp_path, {"a": 10, "b": 20}))
+    images = sources.from_folder(write_image_folder(tmp_path, {"a": 10, "b": 20}))
     train, val = data.split(images, 0.2, seed=3)
     again_train, again_val = data.split(images, 0.2, seed=3)
     other_train, _ = data.split(images, 0.2, seed=4)
@@ -30,28 +18,8 @@ def test_split_is_seeded_stratified_and_disjoint(tmp_path):
     assert np.bincount(val.labels).tolist() == [2, 4]
 
 
-@pytest.mark.parametrize(
-    "layout, message",
-    [
-        ({"a": 3, "b": 0}, "has no image files"),
-        ({"a": 3}, "at least 2"),
-    ],
-)
-def test_bad_folders_fail_naming_the_problem(tmp_path, layout, message):
-    root = write_image_folder(tmp_path, layout)
-    with pytest.raises(ValueError, match=message):
-        data.from_folder(root)
-
-
-def test_missing_folder_and_unknown_source(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        data.load_source(f"folder:{tmp_path}/nope")
-    with pytest.raises(ValueError, match="folder:"):
-        data.load_source("ftp://x")
-
-
 def test_training_stream_is_seeded_by_pass_and_resumable(tmp_path):
-    images = data.from_folder(write_image_folder(tmp_path, {"a": 4, "b": 4}))
+    images = sources.from_folder(write_image_folder(tmp_path, {"a": 4, "b": 4}))
     stream = data.make_dataset(images, 16, batch_size=3, training=True, seed=7)
     batches = list(stream.take(6))  # 8 images: 2 whole batches a pass
     x, y = batches[0]
@@ -92,3 +60,40 @@ def test_resize_matches_in_eager_and_tf_data():
     eager = data.resize_image(image, 8)
     mapped = next(iter(tf.data.Dataset.from_tensors(image).map(lambda i: data.resize_image(i, 8))))
     np.testing.assert_allclose(eager.numpy(), mapped.numpy(), atol=1e-5)
+
+
+def _encoded(files: data.ImageSet) -> data.ImageSet:
+    """The same images as `files`, held in memory as encoded bytes (as TFDS gives them)."""
+    blobs = np.empty(len(files), object)
+    blobs[:] = [open(p, "rb").read() for p in files.images]
+    return data.ImageSet(blobs, files.labels, files.class_names, names=[f"#{i}" for i in range(len(files))])
+
+
+def test_encoded_images_give_the_same_batches_as_their_files(tmp_path):
+    files = sources.from_folder(write_image_folder(tmp_path, {"a": 3, "b": 4}))
+    encoded = _encoded(files)
+    assert (files.kind, encoded.kind) == (data.FILES, data.ENCODED)
+    assert data.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1]).kind == data.ARRAYS
+    for training in (False, True):
+        a = data.make_dataset(files, 16, 3, training=training, seed=5).take(3)
+        b = data.make_dataset(encoded, 16, 3, training=training, seed=5).take(3)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+            np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+    sub = encoded.subset(np.asarray([4, 0]))
+    assert sub.names == ["#4", "#0"] and sub.images[0] == encoded.images[4]
+
+
+def test_split_as_given_follows_the_mask_and_needs_training_images():
+    images = np.zeros((6, 4, 4, 3), np.uint8)
+    mask = np.asarray([False, False, True, False, False, True])
+    given = data.ImageSet(images, np.asarray([0, 1, 0, 1, 0, 1], np.int32), ["a", "b"], val_mask=mask)
+    train, val = data.split_as_given(given)
+    assert train.labels.tolist() == [0, 1, 1, 0] and val.labels.tolist() == [0, 1]
+    assert train.val_mask is None and val.val_mask is None
+    b_only_in_val = np.asarray([False, True, False, False, False, True])
+    no_b = data.ImageSet(images, np.asarray([0, 1, 0, 0, 0, 1], np.int32), ["a", "b"], val_mask=b_only_in_val)
+    with pytest.raises(ValueError, match="Class 'b' has no training images in the source's own"):
+        data.split_as_given(no_b)
+    with pytest.raises(ValueError, match="own validation split has no images"):
+        data.split_as_given(data.ImageSet(images, given.labels, ["a", "b"], val_mask=np.zeros(6, bool)))

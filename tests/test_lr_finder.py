@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import keras_ft
 from conftest import REPO, error_line, run_train
-from keras_ft import data, freezing, lr_finder, schedules
+from keras_ft import data, freezing, lr_finder, schedules, sources
 from keras_ft.stages import Stage
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -180,7 +180,7 @@ def test_suggestion_near_the_best_rate_of_a_sweep_on_real_photos():
     sweep trains the same start for 20 steps (the quickstart's 2 epochs) at
     each constant rate of a grid fixed in advance and keeps the rate with the
     lowest mean training loss over those steps (paired: same batches)."""
-    dataset = data.load_source("sample:lfw_faces")
+    dataset = sources.load_source("sample:lfw_faces")
     train_set, _ = data.split(dataset, 0.2, seed=0)
     keras.utils.set_random_seed(0)
     model = keras_ft.build_classifier(

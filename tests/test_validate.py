@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import write_image_folder
-from keras_ft import data, validate
+from keras_ft import data, sources, validate
 
 
 def _write(path, blob):
@@ -73,7 +73,7 @@ def test_skip_lists_every_bad_file_and_keeps_the_rest(messy, monkeypatch):
     decoded = []
     decode = tf.io.decode_image
     monkeypatch.setattr(tf.io, "decode_image", lambda b, **kw: decoded.append(len(b)) or decode(b, **kw))
-    images = data.from_folder(messy)
+    images = sources.from_folder(messy)
     assert len(images) == 19
 
     kept, report = validate.scan(images)
@@ -114,7 +114,7 @@ def test_skip_lists_every_bad_file_and_keeps_the_rest(messy, monkeypatch):
 
 def test_unscanned_bad_files_crash_the_pipeline(messy):
     """Why the scan exists: without it the first bad file stops the epoch."""
-    images = data.from_folder(messy)
+    images = sources.from_folder(messy)
     cut = images.subset(np.asarray([images.images.index(os.path.join(messy, "cat/cut.png"))]))
     with pytest.raises(tf.errors.InvalidArgumentError):
         list(data.make_dataset(cut, 16, 1, training=False))
@@ -122,7 +122,7 @@ def test_unscanned_bad_files_crash_the_pipeline(messy):
 
 def test_fail_raises_one_line_naming_count_paths_and_the_way_out(messy):
     with pytest.raises(ValueError) as error:
-        validate.scan(data.from_folder(messy), policy="fail")
+        validate.scan(sources.from_folder(messy), policy="fail")
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("7 bad image file(s) of 19: ")
@@ -132,7 +132,7 @@ def test_fail_raises_one_line_naming_count_paths_and_the_way_out(messy):
 
 
 def test_clean_folder_passes_both_policies_unchanged(tmp_path):
-    images = data.from_folder(write_image_folder(tmp_path, {"a": 3, "b": 9}))
+    images = sources.from_folder(write_image_folder(tmp_path, {"a": 3, "b": 9}))
     for policy in validate.POLICIES:
         kept, report = validate.scan(images, policy=policy)
         assert kept is images and report.bad_files == [] and report.converted == {}
@@ -143,7 +143,7 @@ def test_clean_folder_passes_both_policies_unchanged(tmp_path):
 
 
 def test_max_pixels_is_the_header_size(tmp_path):
-    images = data.from_folder(write_image_folder(tmp_path, {"a": 2, "b": 2}, size=20))
+    images = sources.from_folder(write_image_folder(tmp_path, {"a": 2, "b": 2}, size=20))
     kept, report = validate.scan(images, max_pixels=20 * 21)  # class b images are 20x21
     assert len(kept) == 4 and report.bad_files == []
     with pytest.raises(ValueError, match=r"too large: 21x20 = 420 pixels > max_pixels 419"):
@@ -184,7 +184,7 @@ def test_class_left_empty_by_skipping_is_an_error_naming_it(tmp_path):
     _write(tmp_path / "b/x.jpg", b"")
     _write(tmp_path / "b/y.png", _png(RGB)[:100])
     with pytest.raises(ValueError, match=r"Class 'b' has no usable images: all 2 of its files are bad"):
-        validate.scan(data.from_folder(root))
+        validate.scan(sources.from_folder(root))
 
 
 def test_in_memory_arrays_get_the_label_checks_only():
@@ -211,7 +211,7 @@ def test_progress_is_logged(messy, monkeypatch):
     lines = []
     monkeypatch.setattr(validate, "LOG_EVERY_S", 0.0)
     monkeypatch.setattr(validate.logging, "info", lambda fmt, *args: lines.append(fmt % args))
-    validate.scan(data.from_folder(messy))
+    validate.scan(sources.from_folder(messy))
     assert any("Scanning images: 19/19 files" in line for line in lines), lines
 
 
@@ -220,6 +220,6 @@ def test_sound_header_but_undecodable_body_is_corrupt(tmp_path):
     ihdr = struct.pack(">IIBBBBB", 10, 10, 8, 2, 0, 0, 0)
     blob = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"garbage!") + _chunk(b"IEND", b"")
     _write(tmp_path / "a/broken.png", blob)
-    kept, report = validate.scan(data.from_folder(root))
+    kept, report = validate.scan(sources.from_folder(root))
     assert len(kept) == 4 and report.bad_by_kind == {"corrupt": 1}
     assert report.bad_files[0][1].startswith("corrupt PNG (cannot be decoded: ")

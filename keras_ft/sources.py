@@ -1,0 +1,485 @@
+"""Where training images come from: the `data.source` config key.
+
+Each reader returns a `keras_ft.data.ImageSet` and fails with one line that
+names the file, folder or dataset at fault and what to do about it.
+
+    folder:PATH   one sub-folder per class (class names: the sorted folder
+                  names); images at any depth inside a class folder, taken in
+                  sorted order. If PATH has `train/` and `val/` (or
+                  `validation/`) folders with the same class sub-folders,
+                  they are the train/validation split.
+    csv:PATH      a CSV file with a header and the columns `path` (relative
+                  to the CSV's folder, or absolute) and `label`: class names
+                  (classes sorted by name) or integers 0..K-1 (class names
+                  "0".."K-1", K = `num_classes` or the largest label + 1).
+    tfds:NAME     a prepared TensorFlow Datasets dataset, NAME as `tfds.load`
+                  takes it (`tf_flowers`, `cifar10:3.0.2`, `imagenette/160px`);
+                  class names from its ClassLabel feature. Its images are held
+                  in memory, encoded as TFDS stores them.
+    sample:NAME   a small real image set built from files that ship in a
+                  package (see `keras_ft.samples`), read as a folder.
+
+Files and TFDS images are scanned by `keras_ft.validate` before training;
+missing or broken ones are bad files under its skip/fail policy.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import re
+
+from absl import logging
+import numpy as np
+
+from keras_ft.data import ImageSet
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+KINDS = ("folder", "csv", "tfds", "sample")
+VAL_FOLDERS = ("val", "validation")
+
+
+def load_source(
+    source: str,
+    *,
+    num_classes: int = 0,
+    tfds_split: str = "train",
+    tfds_val_split: str = "",
+    tfds_data_dir: str = "",
+    tfds_download: bool = False,
+    tfds_image_key: str = "image",
+    tfds_label_key: str = "label",
+) -> ImageSet:
+    """Resolves a `data.source` string such as `folder:/data/flowers`.
+
+    Args:
+        source: `KIND:ARGUMENT`, KIND one of `KINDS` (this module's docstring).
+        num_classes: the classes the data must have; 0 = whatever it has. For
+            a CSV with integer labels it is the label range.
+        tfds_split, ...: the `data.tfds_*` config keys, for `tfds:` sources
+            (see `from_tfds`).
+    """
+    kind, sep, arg = source.partition(":")
+    if not sep or kind not in KINDS or not arg:
+        raise ValueError(
+            f"Unknown data.source {source!r}. Use one of: "
+            + ", ".join(f"{k}:..." for k in KINDS)
+            + " (e.g. folder:/path/to/images)."
+        )
+    if kind == "csv":
+        return from_csv(arg, num_classes)
+    if kind == "tfds":
+        return from_tfds(
+            arg, tfds_split, tfds_val_split, tfds_data_dir, tfds_download,
+            tfds_image_key, tfds_label_key,
+        )
+    if kind == "sample":
+        from keras_ft import samples  # only the quickstart needs its packages
+
+        return from_folder(samples.materialize(arg))
+    return from_folder(arg)
+
+
+# ------------------------------------------------------------------ folders
+
+
+def from_folder(path: str) -> ImageSet:
+    """Reads a folder with one sub-folder of images per class.
+
+    Class names are the sub-folder names in sorted order. Images may sit at
+    any depth inside a class folder; they are taken in sorted order of their
+    paths, so the same folder always gives the same labels. Hidden files and
+    folders (names starting with ".") are skipped: `.ipynb_checkpoints`
+    holds copies. If `path` has a `train/` folder, it must also have `val/`
+    or `validation/`, each with the same class sub-folders: that is then the
+    train/validation split (`ImageSet.val_mask`).
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"Data folder {path!r} does not exist or is not a folder.")
+    folders = _sub_folders(path)
+    if "train" not in folders:
+        files, labels, class_names = _read_classes(path)
+        return ImageSet(files, np.asarray(labels, np.int32), class_names)
+
+    val_names = [name for name in VAL_FOLDERS if name in folders]
+    if len(val_names) != 1:
+        problem = "no val/ or validation/ folder" if not val_names else "both val/ and validation/"
+        raise ValueError(
+            f"Data folder {path!r} has a train/ folder and {problem}: give it one "
+            "validation folder with the same class sub-folders, or point "
+            f"data.source at {os.path.join(path, 'train')} to split that by seed "
+            "(or, if 'train' is a class, rename its folder)."
+        )
+    train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, val_names[0])
+    train_classes, val_classes = _sub_folders(train_dir), _sub_folders(val_dir)
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        where, other, names = (
+            (train_dir, val_dir, only_train) if only_train
+            else (val_dir, train_dir, sorted(set(val_classes) - set(train_classes)))
+        )
+        raise ValueError(
+            f"Class folder {names[0]!r} is in {where} but not in {other}: the "
+            "training and validation folders need the same class sub-folders."
+        )
+    ignored = sorted(set(folders) - {"train", val_names[0]})
+    if ignored:
+        logging.info(
+            "Data folder %s: train/ and %s/ are the split; ignoring %s.",
+            path, val_names[0], ", ".join(f"{name}/" for name in ignored),
+        )
+    train_files, train_labels, class_names = _read_classes(train_dir)
+    val_files, val_labels, _ = _read_classes(val_dir)
+    return ImageSet(
+        train_files + val_files,
+        np.asarray(train_labels + val_labels, np.int32),
+        class_names,
+        val_mask=np.arange(len(train_files) + len(val_files)) >= len(train_files),
+    )
+
+
+def _sub_folders(path: str) -> list[str]:
+    """The sorted names of `path`'s sub-folders, hidden ones left out."""
+    return sorted(
+        name for name in os.listdir(path)
+        if not name.startswith(".") and os.path.isdir(os.path.join(path, name))
+    )
+
+
+def _read_classes(path: str) -> tuple[list[str], list[int], list[str]]:
+    """`(files, labels, class_names)` of a folder of class sub-folders."""
+    class_names = _sub_folders(path)
+    if len(class_names) < 2:
+        raise ValueError(
+            f"Data folder {path!r} has {len(class_names)} class sub-folder(s); "
+            "put the images of each class (at least 2) in a sub-folder of their own."
+        )
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(path, name)
+        found = _image_files(class_dir)
+        if not found:
+            raise ValueError(
+                f"Class folder {class_dir!r} has no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove it."
+            )
+        files += found
+        labels += [label] * len(found)
+    return files, labels, class_names
+
+
+def _image_files(class_dir: str) -> list[str]:
+    """Image files at any depth under `class_dir`, sorted, each once."""
+    found, visited = [], set()
+    for root, dirs, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # reached again through a symbolic link
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [
+            os.path.join(root, f) for f in files
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------- CSV
+
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def from_csv(path: str, num_classes: int = 0) -> ImageSet:
+    """Reads a CSV file of `path,label` rows (see this module's docstring).
+
+    The first line is the header; other columns are allowed and ignored;
+    blank lines are skipped; fields are stripped of surrounding spaces.
+    Labels are integers if every one is an integer, class names if none is;
+    a mix is an error. Files that are missing or broken are left to
+    `keras_ft.validate` (skipped and listed, or a stop, as for folders);
+    errors in the CSV itself name its line.
+
+    Args:
+        path: the CSV file.
+        num_classes: for integer labels, the number of classes (labels must
+            be below it); 0 = the largest label + 1. For class names, the
+            number of distinct names it must match; 0 = any.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"CSV file {path!r} does not exist or is not a file.")
+    header, rows = _read_rows(path)
+    base = os.path.dirname(os.path.abspath(path))
+    files, first_line = [], {}
+    for line, file, _ in rows:
+        full = os.path.normpath(os.path.join(base, file))  # `file` if absolute
+        if full in first_line:
+            raise ValueError(
+                f"{path} lines {first_line[full]} and {line} both list {file!r}: "
+                "list each image once (a copy could land in both the training "
+                "and the validation split)."
+            )
+        first_line[full] = line
+        files.append(full)
+    if not any(os.path.exists(f) for f in files):
+        line, file, _ = rows[0]
+        raise ValueError(
+            f"{path}: none of its {len(files)} image paths exists (line {line}: "
+            f"{file!r} -> {files[0]}); relative paths are read from the CSV's "
+            f"folder {base}."
+        )
+
+    texts = [label for _, _, label in rows]
+    is_integer = [_INTEGER.fullmatch(t) is not None for t in texts]
+    if all(is_integer):
+        labels, class_names = _integer_labels(path, rows, num_classes)
+    elif any(is_integer):
+        i, j = is_integer.index(True), is_integer.index(False)
+        raise ValueError(
+            f"{path}: line {rows[i][0]} has the integer label {texts[i]!r} but "
+            f"line {rows[j][0]} the class name {texts[j]!r}; use class names "
+            "throughout or integers 0..K-1 throughout."
+        )
+    else:
+        class_names = sorted(set(texts))
+        if num_classes and num_classes != len(class_names):
+            raise ValueError(
+                f"{path}: data.num_classes={num_classes} but its labels name "
+                f"{len(class_names)} classes ({', '.join(class_names[:10])}); fix "
+                "the labels, or data.num_classes (0 = as many as the labels name)."
+            )
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[t] for t in texts]
+    if len(class_names) < 2:
+        raise ValueError(
+            f"{path}: every row has the label {texts[0]!r}; a classifier needs "
+            "at least 2 classes."
+        )
+    return ImageSet(files, np.asarray(labels, np.int32), class_names)
+
+
+def _read_rows(path: str) -> tuple[list[str], list[tuple[int, str, str]]]:
+    """The header and `(line number, path, label)` of every row."""
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+        reader = csv.reader(f, strict=True)  # a stray quote is an error, not a field
+        try:
+            header = [c.strip() for c in next(reader, [])]
+            if not header:
+                raise ValueError(
+                    f"{path} line 1: no header; the first line must name the "
+                    "columns, e.g. `path,label`."
+                )
+            missing = [c for c in ("path", "label") if c not in header]
+            repeated = sorted({c for c in ("path", "label") if header.count(c) > 1})
+            if missing or repeated:
+                what = "no" if missing else "more than one"
+                raise ValueError(
+                    f"{path} line 1: {what} {' or '.join(missing or repeated)!r} "
+                    f"column in the header {','.join(header)!r}; the first line "
+                    "must name the columns once each, e.g. `path,label`."
+                )
+            path_at, label_at = header.index("path"), header.index("label")
+            for fields in reader:
+                line = reader.line_num
+                if not any(field.strip() for field in fields):
+                    continue
+                if len(fields) != len(header):
+                    raise ValueError(
+                        f"{path} line {line}: {len(fields)} field(s) but the header "
+                        f"has {len(header)}; quote fields that contain commas."
+                    )
+                file, label = fields[path_at].strip(), fields[label_at].strip()
+                if not file:
+                    raise ValueError(f"{path} line {line}: empty path; give the image file.")
+                if not label:
+                    raise ValueError(
+                        f"{path} line {line}: empty label for {file!r}; give every "
+                        "image its class."
+                    )
+                rows.append((line, file, label))
+        except csv.Error as e:
+            raise ValueError(f"{path} line {reader.line_num}: {e}; check its quotes.") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8.") from None
+    if not rows:
+        raise ValueError(f"{path} has a header but no rows: add one `path,label` line per image.")
+    return header, rows
+
+
+def _integer_labels(path: str, rows, num_classes: int) -> tuple[list[int], list[str]]:
+    labels = [int(label) for _, _, label in rows]
+    count = num_classes or max(labels) + 1
+    for (line, _, _), label in zip(rows, labels):
+        if not 0 <= label < count:
+            allowed = (
+                f"data.num_classes={num_classes} allows 0..{num_classes - 1}"
+                if num_classes else "integer labels start at 0"
+            )
+            raise ValueError(
+                f"{path} line {line}: label {label} is out of range ({allowed}); "
+                "fix the label" + (" or data.num_classes." if num_classes else ".")
+            )
+    unused = sorted(set(range(count)) - set(labels))
+    if unused and count > 1:
+        source = f"data.num_classes={num_classes}" if num_classes else "the largest label"
+        raise ValueError(
+            f"{path}: no row has label {unused[0]}, but {source} makes the classes "
+            f"0..{count - 1}; every class needs images: number the classes 0..K-1 "
+            + ("or fix data.num_classes." if num_classes else "without gaps.")
+        )
+    return labels, [str(i) for i in range(count)]
+
+
+# --------------------------------------------------------------------- TFDS
+
+
+def from_tfds(
+    name: str,
+    split: str = "train",
+    val_split: str = "",
+    data_dir: str = "",
+    download: bool = False,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> ImageSet:
+    """Reads a TensorFlow Datasets dataset into memory, images still encoded.
+
+    Offline, a dataset that is not prepared fails at once, with the command
+    that prepares it, instead of after TFDS's minutes of download retries:
+    with `download=False` nothing is fetched, and with `download=True` a
+    dataset that only a manual download can prepare fails before trying.
+
+    Args:
+        name: the dataset as `tfds.builder` takes it: `NAME[/CONFIG][:VERSION]`.
+        split: the TFDS split (spec) to train on, e.g. `train`, `train[:90%]`.
+        val_split: the TFDS split to validate on, e.g. `validation` or `test`
+            (`ImageSet.val_mask` marks it); "" = none: `data.split` draws one
+            from `split` by seed.
+        data_dir: where prepared datasets live; "" = TFDS's default
+            (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+        download: download and prepare the dataset if it is not prepared.
+        image_key, label_key: the features holding the image (an `Image`) and
+            the label (a `ClassLabel`, whose `names` are the class names).
+    """
+    if val_split == split:
+        raise ValueError(
+            f"TFDS dataset {name!r}: data.tfds_val_split is data.tfds_split "
+            f"({split!r}); validate on another split (e.g. validation, test) or "
+            "on a seeded share of this one (data.tfds_val_split='')."
+        )
+    import tensorflow_datasets as tfds  # slow to import: only for tfds: sources
+
+    try:
+        builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir) or None)
+    except tfds.core.registered.DatasetNotFoundError:  # its message lists all datasets
+        known = sorted(set(tfds.list_builders()))
+        close = difflib.get_close_matches(re.split("[/:]", name)[0], known, 3)
+        hint = f"did you mean {', '.join(close)}?" if close else "tfds.list_builders() lists them."
+        raise ValueError(f"Unknown TFDS dataset {name!r}: {hint}") from None
+    except (ValueError, AssertionError) as e:  # an unknown config or version
+        raise ValueError(f"TFDS dataset {name!r}: {_one_line(e)}") from None
+    features = builder.info.features
+    _check_feature(name, features, image_key, tfds.features.Image, "data.tfds_image_key")
+    _check_feature(name, features, label_key, tfds.features.ClassLabel, "data.tfds_label_key")
+    if features[image_key].np_dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"TFDS dataset {name!r}: feature {image_key!r} holds "
+            f"{features[image_key].np_dtype} images; keras_ft reads 8- or 16-bit ones."
+        )
+    _prepare(builder, name, download)
+
+    images, labels, names = _read_split(builder, name, split, "data.tfds_split", image_key, label_key)
+    num_train = len(images)
+    if val_split:
+        more = _read_split(builder, name, val_split, "data.tfds_val_split", image_key, label_key)
+        images, labels, names = images + more[0], labels + more[1], names + more[2]
+    encoded = np.empty(len(images), object)  # an object array: no padding to the longest
+    encoded[:] = images
+    logging.info(
+        "TFDS %s: %d images (%.1f MB encoded) read into memory from %s.",
+        name, len(images), sum(map(len, images)) / 1e6, builder.data_dir,
+    )
+    return ImageSet(
+        encoded,
+        np.asarray(labels, np.int32),
+        list(features[label_key].names),
+        val_mask=np.arange(len(images)) >= num_train if val_split else None,
+        names=names,
+    )
+
+
+def _read_split(builder, name: str, spec: str, key: str, image_key: str, label_key: str):
+    """`(encoded images, labels, names)` of one TFDS split, in its stored order."""
+    import tensorflow_datasets as tfds
+
+    read = tfds.decode.PartialDecoding(  # only the two features, the image undecoded
+        {image_key: True, label_key: True},
+        decoders={image_key: tfds.decode.SkipDecoding()},
+    )
+    try:
+        ds = builder.as_dataset(split=spec, decoders=read, shuffle_files=False)
+    except ValueError as e:  # an unknown split or a bad slice
+        raise ValueError(f"TFDS dataset {name!r}, {key}={spec!r}: {_one_line(e)}") from None
+    images, labels = [], []
+    for blobs, batch_labels in tfds.as_numpy(
+        ds.map(lambda ex: (ex[image_key], ex[label_key])).batch(1024)
+    ):
+        images += list(blobs)
+        labels += batch_labels.tolist()
+    if not images:
+        raise ValueError(f"TFDS dataset {name!r}, {key}={spec!r}: the split has no examples.")
+    return images, labels, [f"{builder.name} {spec} #{i}" for i in range(len(images))]
+
+
+def _check_feature(name: str, features, key: str, kind, config_key: str) -> None:
+    if key in features and isinstance(features[key], kind):
+        return
+    choices = sorted(k for k in features.keys() if isinstance(features[k], kind))
+    raise ValueError(
+        f"TFDS dataset {name!r} has no {kind.__name__} feature {key!r}; its "
+        f"{kind.__name__} features: {', '.join(choices) or 'none'}. "
+        + (f"Set --config.{config_key}=NAME." if choices else "keras_ft cannot train on it.")
+    )
+
+
+def _prepare(builder, name: str, download: bool) -> None:
+    """Makes sure the dataset is prepared, failing fast where it cannot be."""
+    if builder.is_prepared():
+        return
+    root = os.fspath(builder.data_dir_root)
+    build = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
+    prepare = (
+        f"run `tfds build {build} --data_dir={root}` on a machine with network "
+        f"and copy {builder.data_dir} to the same path here"
+    )
+    if not download:
+        raise ValueError(
+            f"TFDS dataset {name!r} is not prepared in {root} (no "
+            f"{builder.data_dir}) and data.tfds_download is False: {prepare}, or "
+            "set --config.data.tfds_data_dir to the folder that has it, or "
+            "--config.data.tfds_download=True to download it here."
+        )
+    manual_dir = os.path.join(root, "downloads", "manual")
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (
+        os.path.isdir(manual_dir) and os.listdir(manual_dir)
+    ):
+        instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        raise ValueError(
+            f"TFDS dataset {name!r} is not prepared in {root} and only a manual "
+            f"download can prepare it: put its files in {manual_dir} "
+            f"({instructions[:300]}), or {prepare}."
+        )
+    logging.info("Downloading and preparing TFDS dataset %s in %s.", name, root)
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # network, checksum, disk: TFDS raises many kinds
+        raise ValueError(
+            f"Downloading TFDS dataset {name!r} into {root} failed ({_one_line(e)}); "
+            f"{prepare}."
+        ) from e
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
