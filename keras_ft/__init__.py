@@ -1,6 +1,6 @@
 """keras_ft: fine-tune pretrained Keras backbones with a sound recipe."""
 
-from keras_ft import backbones, callbacks, checkpoint, data, export, freezing, optim
+from keras_ft import augment, backbones, callbacks, checkpoint, data, export, freezing, optim
 from keras_ft import lr_finder, recipe, report, schedules, stages, validate
 from keras_ft.model import Classifier, build_classifier
 from keras_ft.optim import SGD
