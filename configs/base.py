@@ -69,6 +69,28 @@ def get_config(arg=None):
     #   "coarse_label")
     config.data.bad_files = "skip"  # unreadable/truncated/non-image/oversized files:
     #   "skip" (listed in the log and workdir/data_scan.json) or "fail" (stop)
+    config.data.resize = "resize"  # how an image becomes image_size x image_size,
+    #   the same for training, validation, launch.evaluate and the export:
+    #   "resize" (whole image, aspect ratio not kept), "center_crop" (largest
+    #   centered square), "resize_then_crop" (short side to size/0.875, then
+    #   the central square: ImageNet evaluation), "pad" (whole image, aspect
+    #   ratio kept, black borders)
+    # Training augmentation (keras_ft.augment). Every draw is seeded by `seed`
+    # and the image's (or batch's) position in the stream, so runs repeat and
+    # resume exactly.
+    config.data.augment = ml_collections.ConfigDict()
+    config.data.augment.flip = True  # left-right flip with probability 1/2
+    config.data.augment.random_resized_crop = ()  # () = off, or (min, max):
+    #   a random crop of that share of the area, aspect ratio 3/4..4/3, resized
+    #   to the input size (Inception: (0.08, 1.0)); replaces data.resize in training
+    config.data.augment.randaugment_ops = 0  # RandAugment ops per image (Keras'
+    #   eleven, e.g. rotate, shear, contrast, equalize); 0 = off; 2 is usual
+    config.data.augment.randaugment_magnitude = 0.5  # their strength, 0..1
+    config.data.augment.mixup = 0.0  # MixUp alpha (e.g. 0.2; BiT: 0.1 from 20k
+    #   images); 0 = off. MixUp or CutMix make labels soft (one-hot mixtures)
+    #   and the loss categorical cross-entropy
+    config.data.augment.cutmix = 0.0  # CutMix alpha in (0, 1] (e.g. 1.0); 0 = off.
+    #   With both on, each batch gets one of the two, by a seeded coin
 
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = 32  # summed over all replicas

@@ -8,6 +8,8 @@ seed or as the source itself divides them. `make_dataset` turns an
 `ImageSet` into a batched, prefetched `tf.data.Dataset` of float RGB images
 in [0, 255] at the model's input size; the backbone's own preprocessing runs
 inside the model, not here.
+Images are sized by one of the `RESIZE_POLICIES` (`resize_image`, which the
+SavedModel export uses too) and, for training, augmented (`keras_ft.augment`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from keras_ft import augment as augment_lib
+
 # The kinds of `ImageSet.images`.
 FILES, ARRAYS, ENCODED = "files", "arrays", "encoded"
+RESIZE_POLICIES = ("resize", "center_crop", "resize_then_crop", "pad")
+CROP_FRACTION = 0.875  # "resize_then_crop": the crop's share of the short side
 
 
 @dataclasses.dataclass
@@ -150,16 +156,89 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resizes uint8 `[..., H, W, 3]` to float32 `[..., S, S, 3]` in [0, 255].
+def check_resize(policy: str) -> str:
+    """Returns `policy` if it is one of `RESIZE_POLICIES`, else a ValueError."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(
+            f"Unknown data.resize {policy!r}. Choose one of: {', '.join(RESIZE_POLICIES)}."
+        )
+    return policy
 
-    Plain bilinear resize of the whole image: the one used for training,
-    evaluation and the SavedModel export alike.
+
+def resize_side(image_size: int, policy: str = "resize") -> int:
+    """The side the short side is resized to before the final crop.
+
+    `image_size / CROP_FRACTION` (rounded) for "resize_then_crop" — 256 for
+    224, as in ImageNet evaluation — else `image_size`. Square images of
+    this side are the ones a policy maps to `image_size` by a center crop
+    alone (or not at all).
     """
-    image = tf.image.resize(
-        tf.cast(image, tf.float32), (image_size, image_size), antialias=True
-    )
+    check_resize(policy)
+    if policy == "resize_then_crop":
+        return int(round(image_size / CROP_FRACTION))
+    return image_size
+
+
+def _resize(image: tf.Tensor, height, width) -> tf.Tensor:
+    image = tf.image.resize(tf.cast(image, tf.float32), (height, width), antialias=True)
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _center_crop(image: tf.Tensor, height, width) -> tf.Tensor:
+    shape = tf.shape(image)
+    top = (shape[-3] - height) // 2
+    left = (shape[-2] - width) // 2
+    return image[..., top:top + height, left:left + width, :]
+
+
+def _scaled(shape, scale) -> tuple[tf.Tensor, tf.Tensor]:
+    """Height and width of `shape` ([..., H, W, 3]) times `scale`, at least 1."""
+    size = tf.cast(shape[-3:-1], tf.float64) * scale
+    size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
+    return size[0], size[1]
+
+
+def resize_image(image: tf.Tensor, image_size: int, policy: str = "resize") -> tf.Tensor:
+    """Brings uint8 `[..., H, W, 3]` to float32 `[..., S, S, 3]` in [0, 255].
+
+    The one function that sizes images for training (without
+    `random_resized_crop`), evaluation and the SavedModel export alike, so
+    that the served model sees what training saw. `policy` (`data.resize`):
+
+        resize            bilinear resize of the whole image to S x S (the
+                          aspect ratio is not kept).
+        center_crop       the largest centered square, resized to S x S.
+        resize_then_crop  the short side resized to `resize_side(S)` (S /
+                          0.875, aspect ratio kept), then the central S x S:
+                          ImageNet evaluation's preprocessing.
+        pad               the long side resized to S (aspect ratio kept),
+                          centered on an S x S canvas of zeros (black).
+
+    Resizing is bilinear with antialiasing; a batch `[N, H, W, 3]` shares one
+    crop or pad, as its images share one size.
+    """
+    check_resize(policy)
+    shape = tf.shape(image)
+    height, width = shape[-3], shape[-2]
+    if policy == "resize":
+        image = _resize(image, image_size, image_size)
+    elif policy == "center_crop":
+        side = tf.minimum(height, width)
+        image = _resize(_center_crop(image, side, side), image_size, image_size)
+    elif policy == "resize_then_crop":
+        short = tf.cast(tf.minimum(height, width), tf.float64)
+        new_height, new_width = _scaled(shape, resize_side(image_size, policy) / short)
+        image = _resize(image, new_height, new_width)
+        image = _center_crop(image, image_size, image_size)
+    else:  # pad
+        long = tf.cast(tf.maximum(height, width), tf.float64)
+        new_height, new_width = _scaled(shape, image_size / long)
+        image = _resize(image, new_height, new_width)
+        image = tf.image.pad_to_bounding_box(
+            image, (image_size - new_height) // 2, (image_size - new_width) // 2,
+            image_size, image_size,
+        )
+    return tf.ensure_shape(image, image.shape[:-3].concatenate([image_size, image_size, 3]))
 
 
 def make_dataset(
@@ -169,30 +248,61 @@ def make_dataset(
     training: bool,
     seed: int = 0,
     skip_batches: int = 0,
+    *,
+    resize: str = "resize",
+    augment: augment_lib.Augment | None = None,
+    one_hot: bool = False,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(images, labels)`.
 
     Evaluation sets are one pass in order. Training sets are an endless stream
     of passes: pass `p` visits the images in a permutation drawn from
-    `(seed, p)` and flips each left-right by a coin drawn from
-    `(seed, position in the stream)`. The stream is a pure function of the
-    seed, so it is the same under any `tf.distribute` strategy, and
-    `skip_batches` resumes it exactly where an interrupted run left off.
-    Training drops nothing but never mixes passes inside a batch either:
-    every step sees `batch_size` images.
+    `(seed, p)`, and each image is augmented from `(seed, position in the
+    stream)` and each batch mixed from `(seed, batch index)`
+    (`keras_ft.augment`). The stream is a pure function of the seed, so it is
+    the same under any `tf.distribute` strategy, and `skip_batches` resumes it
+    exactly where an interrupted run left off. Training drops nothing but
+    never mixes passes inside a batch either: every step sees `batch_size`
+    images.
+
+    Args:
+        data: the images and labels.
+        image_size: the side S of the square images produced.
+        batch_size: images per batch (global).
+        training: the endless augmented stream, or one plain pass.
+        seed: the stream's seed (training only).
+        skip_batches: batches of the stream to skip (training only).
+        resize: the `data.resize` policy (`resize_image`); training images
+            use it too unless `augment.random_resized_crop` is on.
+        augment: the training augmentation; None = `Augment()` (flips only).
+            Evaluation takes none.
+        one_hot: labels as float32 one-hot `[N, C]` rather than int32 `[N]`;
+            required when `augment` mixes batches (soft labels).
     """
+    check_resize(resize)
+    if not training and augment is not None:
+        raise ValueError("make_dataset: augment applies to training sets only.")
+    augment = augment or augment_lib.Augment()
+    if training and augment.mixes and not one_hot:
+        raise ValueError("make_dataset: MixUp/CutMix make soft labels; pass one_hot=True.")
     kind = data.kind
     images, labels = tf.constant(data.images), tf.constant(data.labels)
+    num_classes = len(data.class_names)
 
-    def load(index):
+    def read(index):
         image = images[index]
         if kind == FILES:
             image = tf.io.read_file(image)
         if kind != ARRAYS:
             image = decode_image(image)
-        return resize_image(image, image_size), labels[index]
+        label = labels[index]
+        return image, tf.one_hot(label, num_classes) if one_hot else label
 
     if not training:
+        def load(index):
+            image, label = read(index)
+            return resize_image(image, image_size, resize), label
+
         ds = tf.data.Dataset.range(len(data)).map(
             load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
@@ -200,6 +310,7 @@ def make_dataset(
 
     n = len(data)
     per_pass = (n // batch_size) * batch_size  # whole batches only
+    pipeline = augment_lib.Pipeline(augment)
 
     def one_pass(p):
         order = tf.random.experimental.index_shuffle(
@@ -212,10 +323,22 @@ def make_dataset(
     ds = tf.data.Dataset.range(2**62).flat_map(one_pass).enumerate()
     ds = ds.skip(skip_batches * batch_size)
 
-    def load_and_flip(position, index):
-        image, label = load(index)
-        coin = tf.stack([tf.constant(seed, tf.int64), position])
-        return tf.image.stateless_random_flip_left_right(image, coin), label
+    def load_and_augment(position, index):
+        image, label = read(index)
+        if augment.random_resized_crop:
+            image = resize_image(pipeline.crop(image, seed, position), image_size)
+        else:
+            image = resize_image(image, image_size, resize)
+        return position, pipeline.image(image, seed, position), label
 
-    ds = ds.map(load_and_flip, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment.mixes:
+        # Batches start at multiples of batch_size (skips are whole batches).
+        def mix(positions, x, y):
+            return pipeline.mix(x, y, seed, positions[0] // batch_size)
+
+        ds = ds.map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(lambda positions, x, y: (x, y))
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -3,18 +3,19 @@
 Signatures:
     serving_default  images: string [N], encoded JPEG/PNG/BMP/GIF of any size.
     serving_uint8    images: uint8 [N, H, W, 3], any H and W.
-Both resize exactly as training and evaluation do (`data.resize_image`), run
-the backbone's own preprocessing (inside the model), and return
+Both size images exactly as training and evaluation did (`data.resize_image`
+with the run's `data.resize` policy, built into the graph), run the
+backbone's own preprocessing (inside the model), and return
 `probabilities` float32 [N, C] and `classes` string [N] (top-1 class names).
 All class names, in label order, are stored too: `loaded.class_names[0]`, a
 string variable [C] (for top-k names). Loading needs TensorFlow only:
 `tf.saved_model.load(path)`, TF Serving or `saved_model_cli`.
 
 TFLite (`export_tflite`): float32 model of the uint8 path for images already
-resized to S x S (any batch size), output `probabilities` [N, C], with the
-class names in `labels.txt` next to it. TFLite has no builtin for the
-antialiased resize, so the caller resizes; `tflite_parity` checks it against
-the SavedModel.
+brought to S x S by the run's policy (any batch size), output
+`probabilities` [N, C], with the class names in `labels.txt` next to it.
+TFLite has no builtin for the antialiased resize, so the caller resizes;
+`tflite_parity` checks it against the SavedModel.
 
 Every file and folder is written under a temporary name and renamed into
 place, so a crash never leaves a half-written export under the final name.
@@ -36,9 +37,18 @@ from keras_ft import data
 
 
 def export_saved_model(
-    model: keras.Model, path: str, class_names: Sequence[str], image_size: int
+    model: keras.Model,
+    path: str,
+    class_names: Sequence[str],
+    image_size: int,
+    resize: str = "resize",
 ) -> str:
-    """Exports `model` (logits out) with both serving signatures to `path`."""
+    """Exports `model` (logits out) with both serving signatures to `path`.
+
+    `resize` is the run's `data.resize` policy: the signatures size every
+    image with it, as training and evaluation did.
+    """
+    data.check_resize(resize)
     names = tf.constant(list(class_names))
 
     def predict(images):  # float [N, S, S, 3] in [0, 255]
@@ -49,7 +59,7 @@ def export_saved_model(
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
         decoded = tf.map_fn(
-            lambda b: data.resize_image(data.decode_image(b), image_size),
+            lambda b: data.resize_image(data.decode_image(b), image_size, resize),
             images,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
@@ -59,7 +69,7 @@ def export_saved_model(
         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")]
     )
     def serve_uint8(images):
-        return predict(data.resize_image(images, image_size))
+        return predict(data.resize_image(images, image_size, resize))
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -102,7 +112,8 @@ def export_tflite(
     """Writes a float32 TFLite model of the uint8 serving path to `path`.
 
     Input `images` uint8 [N, S, S, 3] (S = `image_size`; N is dynamic: resize
-    the interpreter's input to the batch), output `probabilities` float32
+    the interpreter's input to the batch), already sized by the run's
+    `data.resize` policy (`data.resize_image`), output `probabilities` float32
     [N, C]. Class names go to `labels.txt` in the same folder, one a line.
 
     The model is first written as a SavedModel with this one fixed-size
@@ -167,20 +178,27 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
     return interpreter.get_tensor(out["index"])
 
 
-def tflite_parity(tflite_path: str, saved_model_path: str, images: np.ndarray) -> float:
+def tflite_parity(
+    tflite_path: str, saved_model_path: str, images: np.ndarray, served_images=None
+) -> float:
     """Max |probability difference| of TFLite vs the SavedModel's `serving_uint8`.
 
     Args:
         tflite_path: a file written by `export_tflite`.
         saved_model_path: the SavedModel of the same model.
-        images: uint8 [N, S, S, 3] at the model's input size (there the
-            SavedModel's resize is the identity, to ~1e-6).
+        images: uint8 [N, S, S, 3] at the model's input size, for TFLite.
+        served_images: uint8 [N, H, W, 3] for the SavedModel, which its
+            resize policy brings exactly to `images`; default `images`, right
+            for policies that leave an S x S image as it is (all but
+            "resize_then_crop": for it, squares of side
+            `data.resize_side(S, policy)` whose central S x S are `images`).
 
     Returns:
         The largest absolute difference over all images and classes; compare
         it with `TFLITE_TOLERANCE`.
     """
     served = tf.saved_model.load(saved_model_path)
-    expected = served.signatures["serving_uint8"](images=tf.constant(images, tf.uint8))
+    served_images = images if served_images is None else served_images
+    expected = served.signatures["serving_uint8"](images=tf.constant(served_images, tf.uint8))
     got = run_tflite(tflite_path, images)
     return float(np.max(np.abs(got - expected["probabilities"].numpy())))

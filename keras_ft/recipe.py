@@ -89,7 +89,7 @@ def decay_boundaries(num_examples: int) -> tuple[float, ...]:
 
 def mixup_alpha(num_examples: int) -> float:
     """BiT's MixUp α: none below 20k examples (too little data to need it,
-    BiT found), 0.1 above. keras_ft's data pipeline has no MixUp yet."""
+    BiT found), 0.1 above: `data.augment.mixup` in `Recipe.overrides`."""
     return 0.0 if tier(num_examples) == "small" else 0.1
 
 
@@ -153,14 +153,18 @@ class Recipe:
         )
 
     def overrides(self) -> dict:
-        """The config keys of `launch.train` this recipe sets."""
-        return {
+        """The config keys of `launch.train` this recipe sets (MixUp only when
+        on: its default, 0, is off)."""
+        overrides = {
             "train.epochs": self.epochs,
             "optimizer.schedule": "step",
             "optimizer.warmup_steps": self.warmup_steps,
             "optimizer.decay_boundaries": self.decay_boundaries,
             "model.image_size": self.image_size,
         }
+        if self.mixup_alpha:
+            overrides["data.augment.mixup"] = self.mixup_alpha
+        return overrides
 
     def flags(self) -> str:
         """`overrides()` as `--config.KEY=VALUE` flags."""

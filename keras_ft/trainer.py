@@ -28,6 +28,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
+from keras_ft import augment as augment_lib
 from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
 from keras_ft import freezing, lr_finder, model as model_lib, optim, preemption, schedules
 from keras_ft import sources, stages as stages_lib, validate
@@ -192,6 +193,25 @@ def learning_rate_schedule(
     )
 
 
+def augmentation(config: ml_collections.ConfigDict) -> augment_lib.Augment:
+    """The checked `data.augment` of `config` (a ValueError names a bad key)."""
+    return augment_lib.Augment.from_config(config.data.augment)
+
+
+def loss_and_metrics(one_hot: bool) -> tuple:
+    """`(loss, metrics)` for int labels, or one-hot (soft) labels from MixUp/CutMix.
+
+    Either way the metric is named "accuracy" (history.csv, metrics.json);
+    with mixed labels it is agreement with the dominant label.
+    """
+    if one_hot:
+        return (
+            keras.losses.CategoricalCrossentropy(from_logits=True),
+            [keras.metrics.CategoricalAccuracy(name="accuracy")],
+        )
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+
+
 def build_model(
     config: ml_collections.ConfigDict,
     class_names: list[str],
@@ -203,7 +223,8 @@ def build_model(
 
     The configured weights are loaded even when a checkpoint will replace
     them: they also decide the preprocessing and BatchNorm epsilon, which a
-    checkpoint does not hold.
+    checkpoint does not hold. The loss takes one-hot labels when
+    `data.augment` mixes batches (MixUp/CutMix), integer labels otherwise.
     """
     weights = config.model.weights
     model = model_lib.build_classifier(
@@ -220,6 +241,7 @@ def build_model(
         adapted = freezing.enable_lora(model, config.freeze.lora_rank, deepest)
         logging.info("LoRA rank %d on %d layers.", config.freeze.lora_rank, adapted)
     model.l2sp_alpha = config.optimizer.l2sp
+    loss, metrics = loss_and_metrics(augmentation(config).mixes)
     model.compile(
         optimizer=optim.SGD(
             learning_rate_schedule(config.optimizer, total_steps),
@@ -228,8 +250,8 @@ def build_model(
             weight_decay=config.optimizer.weight_decay,
             global_clipnorm=config.optimizer.clip_norm or None,
         ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        loss=loss,
+        metrics=metrics,
     )
     return model
 
@@ -257,6 +279,20 @@ def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with, over today's defaults.
+
+    What every entry point that reuses a run (evaluate, export) must read:
+    e.g. `data.resize`, the resize policy of training, validation and the
+    export, is "resize" for runs from before the key existed.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{workdir} has no config.json: is it a keras_ft workdir?")
+    with open(config_path) as f:
+        return _with_defaults(json.load(f))
+
+
 def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
     """The classifier of a workdir with its newest checkpoint's weights.
 
@@ -264,11 +300,7 @@ def load_trained(workdir: str) -> tuple[model_lib.Classifier, dict]:
         The model (compiled, on the default strategy) and the checkpoint's
         state: `epoch`, `history`, `class_names`.
     """
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path):
-        raise ValueError(f"{workdir} has no config.json: is it a keras_ft workdir?")
-    with open(config_path) as f:
-        config = _with_defaults(json.load(f))
+    config = load_config(workdir)
     manager_dir = os.path.join(workdir, "checkpoints")
     paths = checkpoint.CheckpointManager(manager_dir).all() if os.path.isdir(manager_dir) else []
     if not paths:
@@ -306,6 +338,24 @@ class Setup:
     model: model_lib.Classifier
     reference: list
     block_lr: list | None
+    seed: int
+    resize: str
+    augment: augment_lib.Augment
+
+    def train_dataset(self, skip_batches: int = 0) -> tf.data.Dataset:
+        """The run's training stream, `skip_batches` batches in."""
+        return data.make_dataset(
+            self.train_set, self.image_size, self.batch, training=True, seed=self.seed,
+            skip_batches=skip_batches, resize=self.resize, augment=self.augment,
+            one_hot=self.augment.mixes,
+        )
+
+    def eval_dataset(self, images: data.ImageSet) -> tf.data.Dataset:
+        """One plain pass over `images`, sized and labelled as training was."""
+        return data.make_dataset(
+            images, self.image_size, self.batch, training=False, resize=self.resize,
+            one_hot=self.augment.mixes,
+        )
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -319,6 +369,8 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         tf.config.experimental.enable_op_determinism()
     image_size = _image_size(config)
     stages = stages_lib.parse(config.freeze.stages)
+    resize = data.check_resize(config.data.resize)
+    augment = augmentation(config)
 
     strategy = distribute.create(config.distribute.strategy)
     batch = config.train.global_batch_size
@@ -344,6 +396,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         else f"val_fraction {config.data.val_fraction}, seed {config.seed}",
         len(dataset.class_names), ", ".join(dataset.class_names[:10]),
     )
+    logging.info("Images: %s to %d px; augmentation: %s.", resize, image_size, augment.describe())
 
     with strategy.scope():
         model = build_model(
@@ -357,7 +410,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         block_lr = stages_lib.block_lr_multipliers(num_blocks, config.freeze.lr_decay)
     return Setup(
         strategy, dataset, train_set, val_set, scan_report, image_size, batch,
-        steps_per_epoch, stages, model, reference, block_lr,
+        steps_per_epoch, stages, model, reference, block_lr, config.seed, resize, augment,
     )
 
 
@@ -366,9 +419,7 @@ def reestimate_if_configured(config: ml_collections.ConfigDict, run: Setup) -> N
     if config.freeze.batchnorm != "reestimate":
         return
     used = freezing.reestimate_batchnorm(
-        run.model,
-        data.make_dataset(run.train_set, run.image_size, run.batch, training=False),
-        config.freeze.reestimate_batches,
+        run.model, run.eval_dataset(run.train_set), config.freeze.reestimate_batches
     )
     logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
 
@@ -432,7 +483,9 @@ def train(
 def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list) -> dict:
     # ------------------------------------------------------------------ config
     image_size = _image_size(config)
-    stages_lib.parse(config.freeze.stages)  # a bad schedule fails before any work
+    stages_lib.parse(config.freeze.stages)  # bad values fail before any work
+    data.check_resize(config.data.resize)
+    augmentation(config)
     resolved = config.to_dict()
     resolved["model"]["image_size"] = image_size
     os.makedirs(workdir, exist_ok=True)
@@ -453,7 +506,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
     dataset, train_set, val_set = run.dataset, run.train_set, run.val_set
     stages, steps_per_epoch, block_lr = run.stages, run.steps_per_epoch, run.block_lr
     _write_json(os.path.join(workdir, "data_scan.json"), json.loads(run.scan_report.to_json()))
-    val_ds = data.make_dataset(val_set, image_size, batch, training=False)
+    val_ds = run.eval_dataset(val_set)
     total_steps = config.train.epochs * steps_per_epoch
 
     # ------------------------------------------------------------------ resume
@@ -481,7 +534,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
             )
             found = lr_finder.find_learning_rate(
                 model,
-                data.make_dataset(train_set, image_size, batch, training=True, seed=config.seed),
+                run.train_dataset(),
                 config.optimizer.lr_find.start_lr,
                 config.optimizer.lr_find.end_lr,
                 config.optimizer.lr_find.steps,
@@ -539,10 +592,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
     def fit(first_epoch: int, last_epoch: int, first_step: int) -> None:
         # The training stream is a pure function of the seed: skipping the
         # batches already consumed continues it exactly where a run stopped.
-        train_ds = data.make_dataset(
-            train_set, image_size, batch, training=True, seed=config.seed,
-            skip_batches=first_epoch * steps_per_epoch + first_step,
-        )
+        train_ds = run.train_dataset(skip_batches=first_epoch * steps_per_epoch + first_step)
         for callback in (schedule, stop_on_nan, progress):
             callback.resume_at(first_step)
         saver.resume_at(first_step, state.get("metric_sums") if state else None)
@@ -592,7 +642,8 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
         metrics["trainable_fraction"] = schedule.info.fraction
     if config.export.enabled:
         path = export.export_saved_model(
-            model, os.path.join(workdir, "export"), dataset.class_names, image_size
+            model, os.path.join(workdir, "export"), dataset.class_names, image_size,
+            resize=run.resize,
         )
         logging.info("Exported SavedModel to %s.", path)
     _write_json(os.path.join(workdir, "metrics.json"), metrics)

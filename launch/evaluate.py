@@ -4,8 +4,9 @@
 
 Rebuilds the validation split exactly as the trainer did
 (`trainer.load_splits`: same source, and the source's own split or the same
-`data.val_fraction` and seed), classifies it with the newest checkpoint and
-writes `WORKDIR/report/`:
+`data.val_fraction` and seed; images sized by the same `data.resize`
+policy), classifies it with the newest checkpoint and writes
+`WORKDIR/report/`:
 
     report.md              accuracy, top-5, loss, ECE, per-class table, recipe
     report.json            the same numbers, plus the confusion matrix and bins
@@ -36,10 +37,11 @@ flags.mark_flags_as_required(["workdir"])
 def recipe(config: dict, metrics: dict, own_split: bool = False) -> dict:
     """The settings a reader needs to reproduce the run, as display strings.
 
+    `config` is the run's config over today's defaults (`trainer.load_config`).
     `own_split`: the validation images are the source's own (train/ and val/
     folders, a TFDS split), not a seeded share.
     """
-    from keras_ft import stages as stages_lib
+    from keras_ft import augment, stages as stages_lib
 
     model, opt, freeze = config["model"], config["optimizer"], config["freeze"]
     stage_text = "; ".join(
@@ -50,7 +52,8 @@ def recipe(config: dict, metrics: dict, own_split: bool = False) -> dict:
     return {
         "backbone": model["backbone"],
         "weights": model["weights"],
-        "image size": f"{model['image_size']} px",
+        "image size": f"{model['image_size']} px ({config['data']['resize']})",
+        "augmentation": augment.Augment.from_config(config["data"]["augment"]).describe(),
         "stages": stage_text,
         "BatchNorm": freeze["batchnorm"],
         "trained parameters": freeze["method"],
@@ -83,8 +86,7 @@ def main(argv):
     from keras_ft import data, report, trainer
 
     try:
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = json.load(f)
+        config = trainer.load_config(workdir).to_dict()
         images, _, val, _ = trainer.load_splits(config["data"], config["seed"])
     except cli.INPUT_ERRORS as e:
         return cli.fail(e)
@@ -100,7 +102,9 @@ def main(argv):
             metrics = json.load(f)
 
     batch = config["train"]["global_batch_size"]
-    val_ds = data.make_dataset(val, model.image_size, batch, training=False)
+    val_ds = data.make_dataset(
+        val, model.image_size, batch, training=False, resize=config["data"]["resize"]
+    )
     probabilities = np.concatenate(
         [tf.nn.softmax(model(x, training=False), axis=-1).numpy() for x, _ in val_ds]
     )

@@ -2,9 +2,10 @@
 
     python -m launch.export --workdir=/tmp/qs [--tflite]
 
-Writes `WORKDIR/export/` (SavedModel, both serving signatures) from the
-newest checkpoint. With `--tflite` it also writes `export/model.tflite`
-(float32, uint8 input [N, S, S, 3] already resized to the model's side S)
+Writes `WORKDIR/export/` (SavedModel, both serving signatures, sizing images
+with the run's `data.resize` policy) from the newest checkpoint. With
+`--tflite` it also writes `export/model.tflite` (float32, uint8 input
+[N, S, S, 3] already sized by that policy to the model's side S)
 and `export/labels.txt`, then runs both on the same images and prints the
 largest probability difference; above the tolerance the .tflite is removed.
 
@@ -29,26 +30,33 @@ _TFLITE = flags.DEFINE_bool("tflite", False, "Also write export/model.tflite and
 flags.mark_flags_as_required(["workdir"])
 
 
-def parity_images(config: dict, image_size: int):
-    """Up to PARITY_IMAGES validation images as uint8 [N, S, S, 3].
+def parity_images(config, image_size: int):
+    """Images for the TFLite parity check: `(served, tflite, kind)`.
 
-    The run's own validation images when its data source still loads, else
-    seeded noise (the parity check is about arithmetic, not accuracy).
+    `served`: up to PARITY_IMAGES uint8 squares of side
+    `data.resize_side(S, policy)` for the SavedModel, whose `data.resize`
+    policy brings them exactly to `tflite`, uint8 [N, S, S, 3] (by a center
+    crop for "resize_then_crop", as they are for the others). The run's own
+    validation images when its data source still loads, else seeded noise
+    (the parity check is about arithmetic, not accuracy).
     """
     import numpy as np
     import tensorflow as tf
 
     from keras_ft import data, trainer
 
+    policy = config.data.resize
+    side = data.resize_side(image_size, policy)
     try:
-        _, _, val, _ = trainer.load_splits(config["data"], config["seed"])
-        batch = next(iter(data.make_dataset(val, image_size, PARITY_IMAGES, training=False)))[0]
-        return tf.cast(tf.round(batch), tf.uint8).numpy(), "validation images"
+        _, _, val, _ = trainer.load_splits(config.data, config.seed)
+        batch = next(iter(data.make_dataset(val, side, PARITY_IMAGES, training=False)))[0]
+        served, kind = tf.cast(tf.round(batch), tf.uint8).numpy(), "validation images"
     except (ValueError, OSError, tf.errors.OpError) as e:
         logging.warning("Data source unavailable (%s); checking on noise images.", e)
         rng = np.random.default_rng(0)
-        shape = (PARITY_IMAGES, image_size, image_size, 3)
-        return rng.integers(0, 256, shape, np.uint8), "noise images"
+        served, kind = rng.integers(0, 256, (PARITY_IMAGES, side, side, 3), np.uint8), "noise images"
+    tflite = tf.cast(tf.round(data.resize_image(served, image_size, policy)), tf.uint8).numpy()
+    return served, tflite, kind
 
 
 def main(argv):
@@ -59,12 +67,13 @@ def main(argv):
     if loaded is None:
         return cli.EXIT_BAD_INPUT
     model, state = loaded
-    import json
+    from keras_ft import export, trainer
 
-    from keras_ft import export
+    config = trainer.load_config(workdir)
     class_names = state["class_names"]
     path = export.export_saved_model(
-        model, os.path.join(workdir, "export"), class_names, model.image_size
+        model, os.path.join(workdir, "export"), class_names, model.image_size,
+        resize=config.data.resize,
     )
     print(f"SavedModel of epoch {state['epoch']}: {path}")
     if not _TFLITE.value:
@@ -73,9 +82,8 @@ def main(argv):
     tflite_path = export.export_tflite(
         model, os.path.join(path, export.TFLITE_FILE), class_names, model.image_size
     )
-    with open(os.path.join(workdir, "config.json")) as f:
-        images, kind = parity_images(json.load(f), model.image_size)
-    difference = export.tflite_parity(tflite_path, path, images)
+    served, images, kind = parity_images(config, model.image_size)
+    difference = export.tflite_parity(tflite_path, path, images, served_images=served)
     tolerance = export.TFLITE_TOLERANCE
     line = (
         f"TFLite parity: max |probability difference| {difference:.2e} "

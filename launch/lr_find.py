@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str) -> dict:
     """The range test of `config`'s first stage; returns the saved summary."""
-    from keras_ft import data, freezing, lr_finder, trainer
+    from keras_ft import freezing, lr_finder, trainer
 
     run = trainer.setup(config)
     trainer.reestimate_if_configured(config, run)
@@ -40,9 +40,7 @@ def run(config, workdir: str) -> dict:
     freezing.apply_stage(
         run.model, stages[0], config.freeze.method, config.freeze.batchnorm, run.block_lr
     )
-    train_ds = data.make_dataset(
-        run.train_set, run.image_size, batch, training=True, seed=config.seed
-    )
+    train_ds = run.train_dataset()  # augmented as launch.train's
     model = run.model
 
     finder = config.optimizer.lr_find

@@ -97,3 +97,74 @@ def test_split_as_given_follows_the_mask_and_needs_training_images():
         data.split_as_given(no_b)
     with pytest.raises(ValueError, match="own validation split has no images"):
         data.split_as_given(data.ImageSet(images, given.labels, ["a", "b"], val_mask=np.zeros(6, bool)))
+
+
+def _bands(height, width):
+    """Red left quarter, green middle half, blue right quarter."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 4, 0] = 255
+    image[:, width // 4: 3 * width // 4, 1] = 255
+    image[:, 3 * width // 4:, 2] = 255
+    return image
+
+
+def test_resize_policies_on_a_known_image():
+    wide = _bands(8, 16)  # 2:1
+    for policy in data.RESIZE_POLICIES:
+        out = data.resize_image(wide, 4, policy)
+        assert out.shape == (4, 4, 3) and out.dtype == tf.float32, policy
+    # "resize" squeezes the whole image: all three bands are still there.
+    squeezed = data.resize_image(wide, 4, "resize").numpy()
+    assert squeezed[..., 0].max() > 200 and squeezed[..., 2].max() > 200
+    # A center crop of a 2:1 image is its middle square: green only.
+    np.testing.assert_array_equal(
+        data.resize_image(wide, 4, "center_crop").numpy(), np.tile([0.0, 255.0, 0.0], (4, 4, 1))
+    )
+    # A pad keeps the aspect ratio: the 4x2-scaled image between zero rows.
+    padded = data.resize_image(wide, 4, "pad").numpy()
+    np.testing.assert_array_equal(padded[[0, 3]], 0.0)
+    np.testing.assert_allclose(padded[1:3], squeezed[:2], atol=1e-4)  # same 4-wide resize
+    tall = data.resize_image(wide.transpose(1, 0, 2), 4, "pad").numpy()
+    np.testing.assert_array_equal(tall[:, [0, 3]], 0.0)
+
+
+def test_resize_then_crop_zooms_into_the_center():
+    # Columns hold 8 x their index: the output's column j must show the
+    # source column under its center. S = 8: the 16 x 32 image's short side
+    # goes to round(8 / 0.875) = 9 (so 18 wide), then the central 8 x 8.
+    assert data.resize_side(8, "resize_then_crop") == 9 and data.resize_side(8, "pad") == 8
+    ramp = np.tile((np.arange(32) * 8)[None, :, None], (16, 1, 3)).astype(np.uint8)
+    out = data.resize_image(ramp, 8, "resize_then_crop").numpy()
+    left = (18 - 8) // 2
+    centers = (left + np.arange(8) + 0.5) * 32 / 18 - 0.5
+    np.testing.assert_allclose(out[4, :, 0], 8 * centers, atol=1.0)  # one column is 14 apart
+    # On a square of side resize_side(S) the policy is a plain center crop.
+    square = np.random.default_rng(0).integers(0, 256, (9, 9, 3)).astype(np.uint8)
+    np.testing.assert_allclose(
+        data.resize_image(square, 8, "resize_then_crop").numpy(), square[0:8, 0:8], atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("policy", data.RESIZE_POLICIES)
+def test_resize_policies_match_in_eager_tf_data_and_batches(policy):
+    rng = np.random.default_rng(1)
+    image = tf.constant(rng.integers(0, 256, (9, 13, 3)), tf.uint8)
+    eager = data.resize_image(image, 8, policy)
+    mapped = next(iter(tf.data.Dataset.from_tensors(image).map(lambda i: data.resize_image(i, 8, policy))))
+    np.testing.assert_array_equal(eager.numpy(), mapped.numpy())
+    # A batch of any size, as the SavedModel's uint8 signature gets it.
+    serve = tf.function(
+        lambda x: data.resize_image(x, 8, policy),
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
+    )
+    batched = serve(tf.stack([image, image[::-1]]))
+    assert batched.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(batched[0].numpy(), eager.numpy(), atol=1e-4)
+
+
+def test_unknown_resize_policy_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="Unknown data.resize 'crop'. Choose one of: resize, center_crop"):
+        data.resize_image(np.zeros((4, 4, 3), np.uint8), 4, "crop")
+    images = data.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1])
+    with pytest.raises(ValueError, match="data.resize"):
+        data.make_dataset(images, 4, 2, training=False, resize="squash")

@@ -38,6 +38,38 @@ def test_export_matches_model_on_bytes_and_uint8_of_any_size(tmp_path, model):
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
+@pytest.fixture(scope="module")
+def pixel_model():
+    """A small model whose output moves with every pixel. (A random-init
+    MobileNetV2's features vanish, ~1e-12: its outputs are all 1/3 and
+    would not tell one resize from another.)"""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 4, strides=4)(x)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("policy", data.RESIZE_POLICIES)
+def test_export_sizes_images_with_the_runs_resize_policy(tmp_path, pixel_model, policy):
+    model = pixel_model
+    path = export.export_saved_model(model, str(tmp_path / "export"), "abc", 32, resize=policy)
+    served = tf.saved_model.load(path)
+    rng = np.random.default_rng(1)
+    for h, w in [(50, 21), (7, 90)]:
+        batch = rng.integers(0, 256, (2, h, w, 3)).astype(np.uint8)
+        expected = tf.nn.softmax(model(data.resize_image(batch, 32, policy), training=False))
+        out = served.signatures["serving_uint8"](images=tf.constant(batch))
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected.numpy(), atol=1e-5)
+        pngs = tf.stack([tf.io.encode_png(image) for image in batch])
+        out = served.signatures["serving_default"](images=pngs)
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected.numpy(), atol=1e-5)
+        if policy != "resize":  # not what the default gives: the policy is in the graph
+            plain = tf.nn.softmax(model(data.resize_image(batch, 32), training=False)).numpy()
+            assert np.abs(out["probabilities"].numpy() - plain).max() > 1e-2
+
+
 def test_corrupt_image_is_an_error_not_a_crash(tmp_path, model):
     served = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "e"), "abc", 32))
     good = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8))

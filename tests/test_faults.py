@@ -207,3 +207,28 @@ def test_preempted_mirrored_run_resumes_mid_epoch(tmp_path, images):
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert_same_run(workdir, reference, atol=1e-6)
+
+
+AUGMENT = [
+    "--config.data.resize=pad",
+    "--config.data.augment.random_resized_crop=(0.25, 1.0)",
+    "--config.data.augment.randaugment_ops=2",
+    "--config.data.augment.mixup=0.2",
+    "--config.data.augment.cutmix=1.0",
+]
+
+
+@pytest.mark.slow
+def test_kill_9_with_every_augmentation_on_resumes_bitwise(tmp_path, images):
+    """Crop, flip, RandAugment, MixUp and CutMix draw from (seed, position):
+    the rebuilt, skipped stream continues exactly."""
+    uninterrupted = tmp_path / "reference"
+    result = run_train(uninterrupted, *flags(images), *AUGMENT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = tmp_path / "run"
+    killed = run_fault(workdir, "kill", 7, *flags(images), *AUGMENT)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run_train(workdir, *flags(images), *AUGMENT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting at step 3 of epoch 2" in resumed.stderr
+    assert_same_run(workdir, uninterrupted)

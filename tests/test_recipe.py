@@ -79,3 +79,12 @@ def test_recipe_for_the_quickstart_data_and_its_flags():
         "--config.optimizer.warmup_steps=60 "
         "--config.optimizer.decay_boundaries='(0.4, 0.6, 0.8)' --config.model.image_size=128"
     )
+
+
+def test_recipe_turns_mixup_on_from_20k_examples():
+    r = recipe.Recipe.for_data(num_examples=50_000, image_size=(300, 300), batch_size=64)
+    assert r.mixup_alpha == 0.1
+    assert r.overrides()["data.augment.mixup"] == 0.1
+    assert r.flags().endswith("--config.data.augment.mixup=0.1")
+    small = recipe.Recipe.for_data(num_examples=160, image_size=(25, 25), batch_size=16)
+    assert "data.augment.mixup" not in small.overrides()  # the default, 0, is off
