@@ -92,6 +92,12 @@ def get_config(arg=None):
     config.data.augment.cutmix = 0.0  # CutMix alpha in (0, 1] (e.g. 1.0); 0 = off.
     #   With both on, each batch gets one of the two, by a seeded coin
 
+    config.data.cache_features = False  # True: while the first stage trains the
+    #   head only, run the frozen backbone once per image and view (as is and
+    #   mirrored) and train the head on those features (keras_ft.features);
+    #   later stages train on images. Same updates as without, far faster;
+    #   needs augmentation limited to flips
+
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = 32  # summed over all replicas
     config.train.epochs = 5  # total epochs over all freezing stages

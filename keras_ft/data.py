@@ -241,6 +241,29 @@ def resize_image(image: tf.Tensor, image_size: int, policy: str = "resize") -> t
     return tf.ensure_shape(image, image.shape[:-3].concatenate([image_size, image_size, 3]))
 
 
+def training_order(n: int, batch_size: int, seed: int, skip_batches: int = 0) -> tf.data.Dataset:
+    """The training stream's `(position, index)` pairs, unbatched.
+
+    Pass `p` visits the `n` indices in a permutation drawn from `(seed, p)`,
+    cut to whole batches; `position` counts elements over the whole stream.
+    The first `skip_batches * batch_size` elements are skipped. Shared by the
+    image stream (`make_dataset`) and the cached-feature stream
+    (`keras_ft.features`), so both visit the same images in the same order.
+    """
+    per_pass = (n // batch_size) * batch_size  # whole batches only
+
+    def one_pass(p):
+        order = tf.random.experimental.index_shuffle(
+            tf.range(n, dtype=tf.int64),
+            seed=tf.stack([tf.constant(seed, tf.int64), p]),
+            max_index=n - 1,
+        )
+        return tf.data.Dataset.from_tensor_slices(order[:per_pass])
+
+    ds = tf.data.Dataset.range(2**62).flat_map(one_pass).enumerate()
+    return ds.skip(skip_batches * batch_size)
+
+
 def make_dataset(
     data: ImageSet,
     image_size: int,
@@ -308,20 +331,8 @@ def make_dataset(
         )
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-    n = len(data)
-    per_pass = (n // batch_size) * batch_size  # whole batches only
     pipeline = augment_lib.Pipeline(augment)
-
-    def one_pass(p):
-        order = tf.random.experimental.index_shuffle(
-            tf.range(n, dtype=tf.int64),
-            seed=tf.stack([tf.constant(seed, tf.int64), p]),
-            max_index=n - 1,
-        )
-        return tf.data.Dataset.from_tensor_slices(order[:per_pass])
-
-    ds = tf.data.Dataset.range(2**62).flat_map(one_pass).enumerate()
-    ds = ds.skip(skip_batches * batch_size)
+    ds = training_order(len(data), batch_size, seed, skip_batches)
 
     def load_and_augment(position, index):
         image, label = read(index)

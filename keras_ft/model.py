@@ -177,6 +177,23 @@ class Classifier(keras.Model):
         # only adds the optimizer build, so loading compiles as usual.
         self.compile(**keras.saving.deserialize_keras_object(config))
 
+    def feature_extractor(self) -> keras.Model:
+        """Images -> pooled backbone features (what `classify_features` takes),
+        sharing this model's layers and weights."""
+        return keras.Model(self.inputs, self.get_layer("pool").output)
+
+    def classify_features(self, features, training=False):
+        """Logits from pooled backbone features: the layers after pooling."""
+        return self.head(self.get_layer("dropout")(features, training=training))
+
+    def _logits(self, x, training):
+        # A batch of pooled features [N, D] (keras_ft.features' cache) skips
+        # the backbone; images [N, H, W, 3] take the whole model.
+        shape = x.shape  # a TensorShape (maybe of unknown rank) or a tuple
+        if (shape.rank if isinstance(shape, tf.TensorShape) else len(shape)) == 2:
+            return self.classify_features(x, training=training)
+        return self(x, training=training)
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.stage_variables()
@@ -186,7 +203,7 @@ class Classifier(keras.Model):
         tf_variables = [v.value for v in variables]  # the backing tf.Variables
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(tf_variables)
-            y_pred = self(x, training=True)
+            y_pred = self._logits(x, training=True)
             # Keras losses divide the batch mean by the number of replicas in
             # sync, as the optimizer sums gradients over replicas.
             loss = self.compute_loss(
@@ -206,7 +223,7 @@ class Classifier(keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self(x, training=False)
+        y_pred = self._logits(x, training=False)
         loss = self.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from keras_ft import augment as augment_lib
-from keras_ft import backbones, callbacks, checkpoint, data, distribute, export
+from keras_ft import backbones, callbacks, checkpoint, data, distribute, export, features
 from keras_ft import freezing, lr_finder, model as model_lib, optim, preemption, schedules
 from keras_ft import sources, stages as stages_lib, validate
 
@@ -424,6 +424,24 @@ def reestimate_if_configured(config: ml_collections.ConfigDict, run: Setup) -> N
     logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
 
 
+def _cached_epochs(config, stages: list, augment: augment_lib.Augment) -> int:
+    """How many first epochs train on cached features (`data.cache_features`):
+    those of a first stage that trains the head only, 0 if caching is off."""
+    if not config.data.cache_features:
+        return 0
+    first = stages[0]
+    if first.blocks != 0 or not first.epochs or config.freeze.method == "lora":
+        raise ValueError(
+            "data.cache_features=True caches the frozen backbone of a first stage "
+            "that trains the head only for whole epochs, e.g. freeze.stages[0] = "
+            f"dict(epochs=2, blocks=0); the first stage is {first.describe()!r}"
+            + (" measured in steps" if first.steps else "")
+            + (", method lora" if config.freeze.method == "lora" else "") + "."
+        )
+    features.check_cacheable(augment)
+    return config.train.epochs if len(stages) == 1 else min(first.epochs, config.train.epochs)
+
+
 def _restore(manager, run: Setup, has_checkpoints: bool) -> dict | None:
     """Restores the newest readable checkpoint; checks it belongs to this run."""
     state = manager.restore_latest()
@@ -589,16 +607,33 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
     if watch.requested:  # SIGTERM during start-up: nothing new to save
         raise checkpoint.Preempted(state["path"] if state else None, epoch * steps_per_epoch + step)
 
-    def fit(first_epoch: int, last_epoch: int, first_step: int) -> None:
+    cached_epochs = _cached_epochs(config, stages, run.augment)
+    cache = None
+
+    def fit(first_epoch: int, last_epoch: int, first_step: int, cached: bool) -> None:
+        nonlocal cache
         # The training stream is a pure function of the seed: skipping the
         # batches already consumed continues it exactly where a run stopped.
-        train_ds = run.train_dataset(skip_batches=first_epoch * steps_per_epoch + first_step)
+        skip = first_epoch * steps_per_epoch + first_step
+        if cached:  # the same stream, with the frozen backbone's cached features
+            if cache is None:
+                cache = features.compute(
+                    model, train_set, val_set, image_size, batch, run.resize, run.augment,
+                    one_hot=run.augment.mixes,
+                )
+            train_ds = features.training_stream(cache, batch, config.seed, skip, run.augment)
+        else:
+            train_ds = run.train_dataset(skip_batches=skip)
+        if cached_epochs:  # fresh step functions for features or images: a
+            # retraced function relaxed to both would lose the input's rank
+            model.make_train_function(force=True)
+            model.make_test_function(force=True)
         for callback in (schedule, stop_on_nan, progress):
             callback.resume_at(first_step)
         saver.resume_at(first_step, state.get("metric_sums") if state else None)
         model.fit(
             train_ds,
-            validation_data=val_ds,
+            validation_data=features.validation_stream(cache, batch) if cached else val_ds,
             epochs=last_epoch,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch - first_step,
@@ -613,11 +648,13 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
             epoch + 1, config.train.epochs, config.train.epochs, steps_per_epoch,
             f", starting at step {step + 1} of epoch {epoch + 1}" if step else "",
         )
-        if step:  # first the rest of the interrupted epoch, on its own
-            fit(epoch, epoch + 1, step)
-            epoch, step = epoch + 1, 0
-        if epoch < config.train.epochs:
-            fit(epoch, config.train.epochs, 0)
+        # In parts: the rest of an interrupted epoch on its own, then the
+        # epochs on cached features, then those on images.
+        while epoch < config.train.epochs:
+            cached = epoch < cached_epochs
+            end = epoch + 1 if step else cached_epochs if cached else config.train.epochs
+            fit(epoch, end, step, cached)
+            epoch, step = end, 0
     else:
         logging.info("All %d epochs are done; evaluating and exporting.", config.train.epochs)
     _write_history(history_path, history)

@@ -232,3 +232,19 @@ def test_kill_9_with_every_augmentation_on_resumes_bitwise(tmp_path, images):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "starting at step 3 of epoch 2" in resumed.stderr
     assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_cached_features_train_as_the_images_do_and_resume(tmp_path, images, reference):
+    # Stage 1 (epoch 1, head only) trains on cached features, then stage 2 on
+    # images. Killed inside the cached epoch, resumed: it ends where the
+    # uncached, uninterrupted reference ends, to float rounding of the
+    # backbone's features (computed in other batches).
+    workdir = tmp_path / "run"
+    cached = [*flags(images), "--config.data.cache_features=True"]
+    assert run_fault(workdir, "kill", 3, *cached).returncode == -9
+    resumed = run_train(workdir, *cached)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Cached 2 x 16 training and 4 validation features" in resumed.stderr
+    assert "starting at step 3 of epoch 1" in resumed.stderr
+    assert_same_run(workdir, reference, atol=1e-6)

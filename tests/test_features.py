@@ -1,0 +1,76 @@
+"""Feature caching: the cached stream is the image stream through the backbone."""
+
+import keras
+import ml_collections
+import numpy as np
+import pytest
+
+import keras_ft
+from conftest import write_image_folder
+from keras_ft import augment, data, features, freezing, sources, stages, trainer
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    images = sources.from_folder(
+        write_image_folder(tmp_path_factory.mktemp("f"), {"a": 6, "b": 5}, size=24)
+    )
+    return data.split(images, 0.3, seed=0)
+
+
+def test_cached_stream_is_the_image_stream_through_the_backbone(split):
+    train, val = split
+    keras.utils.set_random_seed(0)
+    model = keras_ft.build_classifier("mobilenet_v2", 2, image_size=32, class_names=["a", "b"])
+    # Random weights at initial BatchNorm statistics give vanishing features;
+    # statistics of these images make them depend on the pixels.
+    freezing.reestimate_batchnorm(model, data.make_dataset(train, 32, 4, training=False))
+    cache = features.compute(model, train, val, 32, 4)
+    scale = np.abs(cache.train).max()
+    assert scale > 1e-2
+    assert np.abs(cache.train[0] - cache.train[1]).max() > 1e-3 * scale  # flips differ
+    assert cache.train.shape == (2, len(train), 1280) and cache.val.shape == (len(val), 1280)
+    extractor = model.feature_extractor()
+    # 6 batches: two passes and a half, with flips, skipping the first batch.
+    images = data.make_dataset(train, 32, 4, training=True, seed=7, skip_batches=1).take(6)
+    cached = features.training_stream(cache, 4, seed=7, skip_batches=1).take(6)
+    flipped = 0
+    for (x, y), (f, fy) in zip(images, cached):
+        np.testing.assert_allclose(
+            f.numpy(), extractor(x, training=False).numpy(), atol=1e-5 * scale
+        )
+        np.testing.assert_array_equal(y.numpy(), fy.numpy())
+        flipped += sum(
+            not np.isclose(row, cache.train[0], atol=1e-6 * scale).all(axis=1).any()
+            for row in f.numpy()
+        )
+    assert 0 < flipped < 24  # both views were used: the flip coin is replayed
+    val_features = np.concatenate([f for f, _ in features.validation_stream(cache, 4)])
+    np.testing.assert_array_equal(val_features, cache.val)
+
+
+def test_unbounded_augmentation_cannot_be_cached():
+    with pytest.raises(ValueError, match="data.augment.randaugment_ops, data.augment.mixup"):
+        features.check_cacheable(augment.Augment(randaugment_ops=2, mixup=0.2))
+    features.check_cacheable(augment.Augment(flip=False))
+
+
+def _config(**stage):
+    config = ml_collections.ConfigDict(
+        {"data": {"cache_features": True}, "train": {"epochs": 5}, "freeze": {"method": "full"}}
+    )
+    return config, [stages.Stage(**stage), stages.Stage(epochs=1, blocks=2)]
+
+
+def test_cached_epochs_are_the_head_only_first_stage():
+    config, schedule = _config(epochs=2, blocks=0)
+    assert trainer._cached_epochs(config, schedule, augment.Augment()) == 2
+    assert trainer._cached_epochs(config, schedule[:1], augment.Augment()) == 5
+    config.data.cache_features = False
+    assert trainer._cached_epochs(config, schedule, augment.Augment()) == 0
+    config, schedule = _config(epochs=2, blocks=1)
+    with pytest.raises(ValueError, match="first stage that trains the head only"):
+        trainer._cached_epochs(config, schedule, augment.Augment())
+    config, schedule = _config(steps=10, blocks=0)
+    with pytest.raises(ValueError, match="measured in steps"):
+        trainer._cached_epochs(config, schedule, augment.Augment())
