@@ -92,6 +92,9 @@ def get_config(arg=None):
     config.data.augment.cutmix = 0.0  # CutMix alpha in (0, 1] (e.g. 1.0); 0 = off.
     #   With both on, each batch gets one of the two, by a seeded coin
 
+    config.data.class_weights = False  # True: weight each training image's loss by
+    #   N / (classes x images of its class), for imbalanced data (the mean
+    #   weight stays 1; per-class counts are always in the log)
     config.data.cache_features = False  # True: while the first stage trains the
     #   head only, run the frozen backbone once per image and view (as is and
     #   mirrored) and train the head on those features (keras_ft.features);

@@ -609,6 +609,11 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
 
     cached_epochs = _cached_epochs(config, stages, run.augment)
     cache = None
+    class_weight = None
+    if config.data.class_weights:
+        class_weight = validate.class_weights(train_set.labels, len(dataset.class_names))
+        logging.info("Class weights (inverse frequency): %s.", ", ".join(
+            f"{dataset.class_names[c]} {w:.3g}" for c, w in class_weight.items()))
 
     def fit(first_epoch: int, last_epoch: int, first_step: int, cached: bool) -> None:
         nonlocal cache
@@ -638,6 +643,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch - first_step,
             callbacks=fit_callbacks,
+            class_weight=class_weight,
             shuffle=False,  # the stream is already shuffled, by seed and pass
             verbose=0,  # ProgressLog prints the lines that matter
         )

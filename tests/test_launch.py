@@ -110,7 +110,7 @@ def test_bad_image_files_are_skipped_and_listed_or_stop_the_run(tmp_path, policy
     result = run_train(
         tmp_path / "run", f"--config.data.source=folder:{root}",
         f"--config.data.bad_files={policy}", "--config.train.epochs=1",
-        "--config.export.enabled=False",
+        "--config.export.enabled=False", "--config.data.class_weights=True",
     )
     if policy == "fail":
         assert result.returncode == 2
@@ -122,6 +122,8 @@ def test_bad_image_files_are_skipped_and_listed_or_stop_the_run(tmp_path, policy
     listed = json.dumps(scan)
     assert "cut.png" in listed and "notes.jpg" in listed
     assert "cut.png" in result.stderr  # the log lists them too
+    # Balanced classes (the bad files aside): both weights are 1.
+    assert "Class weights (inverse frequency): dark 1, light 1." in result.stderr
 
 
 @pytest.mark.slow
