@@ -9,8 +9,9 @@ folder, then, for each backbone, round by round (interleaved, so machine
 noise hits all alike):
 
 1. pipeline: images/s of `data.make_dataset(training=True)` alone — read,
-   decode, resize, flip, batch — with the default augmentation, and with
-   random resized crop + RandAugment (2 ops);
+   decode, resize, flip, batch — with the default augmentation; the same
+   with the images decoded and sized once in memory (`data.cache_images_mb`,
+   `data.size_all`); and with random resized crop + RandAugment (2 ops);
 2. training: images/s of a train step on an in-memory batch, head only and
    all blocks (the model's cost without the pipeline);
 3. one head-only epoch with `fit()` on the image stream vs on the cached
@@ -56,8 +57,8 @@ def write_photos(root, n, seed=0):
     return root
 
 
-def pipeline_rate(images, size, batch, aug, batches):
-    ds = data.make_dataset(images, size, batch, training=True, seed=0, augment=aug)
+def pipeline_rate(images, size, batch, aug, batches, sized=None):
+    ds = data.make_dataset(images, size, batch, training=True, seed=0, augment=aug, sized=sized)
     it = iter(ds)
     next(it)  # start-up (threads, first decode)
     start = time.perf_counter()
@@ -113,11 +114,15 @@ def main():
             model.fit(train_ds, epochs=1, steps_per_epoch=steps, verbose=0)
             return time.perf_counter() - start
 
-        rates = {k: [] for k in ("pipeline", "pipeline_heavy", "head_only", "all_blocks")}
+        rates = {k: [] for k in ("pipeline", "pipeline_in_memory", "pipeline_heavy",
+                                 "head_only", "all_blocks")}
         epochs = {"images": [], "cached": []}
         cache_seconds = []
         for r in range(args.rounds):
             rates["pipeline"].append(pipeline_rate(images, size, batch, None, steps))
+            sized = data.size_all(images, size)
+            rates["pipeline_in_memory"].append(
+                pipeline_rate(images, size, batch, None, steps, sized))
             rates["pipeline_heavy"].append(pipeline_rate(images, size, batch, heavy, steps))
             rates["head_only"].append(train_rate(0))
             rates["all_blocks"].append(train_rate(-1))
@@ -145,11 +150,13 @@ def main():
 
     print(f"\n{size}px batch {batch}, {len(images)} JPEGs of 320x240, 2 CPU cores "
           f"(median of {args.rounds} interleaved rounds)")
-    print(f"{'backbone':<14}{'pipeline':>10}{'heavy aug':>11}{'head-only':>11}{'all blocks':>12}"
+    print(f"{'backbone':<14}{'pipeline':>10}{'in memory':>11}{'heavy aug':>11}{'head-only':>11}"
+          f"{'all blocks':>12}"
           f"{'pipe/head':>11}{'pipe/all':>10}{'heavy/all':>11}{'epoch img':>11}{'cached':>9}{'speedup':>9}")
     for name, r in results["backbones"].items():
         m, e = r["images_per_sec"], r["head_only_epoch_seconds"]
-        print(f"{name:<14}{m['pipeline']:>10.0f}{m['pipeline_heavy']:>11.0f}{m['head_only']:>11.0f}"
+        print(f"{name:<14}{m['pipeline']:>10.0f}{m['pipeline_in_memory']:>11.0f}"
+              f"{m['pipeline_heavy']:>11.0f}{m['head_only']:>11.0f}"
               f"{m['all_blocks']:>12.0f}{r['pipeline_over_head_only']:>10.1f}x"
               f"{r['pipeline_over_all_blocks']:>9.1f}x{r['heavy_pipeline_over_all_blocks']:>10.1f}x"
               f"{e['images']:>10.2f}s{e['cached']:>8.3f}s{r['cached_epoch_speedup']:>8.1f}x")

@@ -92,6 +92,11 @@ def get_config(arg=None):
     config.data.augment.cutmix = 0.0  # CutMix alpha in (0, 1] (e.g. 1.0); 0 = off.
     #   With both on, each batch gets one of the two, by a seeded coin
 
+    config.data.cache_images_mb = 1024.0  # keep the training and validation images
+    #   decoded and sized in memory when they fit in this many MB (N x S x S x
+    #   12 bytes; not with random_resized_crop, which crops the originals), so
+    #   later passes skip reading and decoding; 0 = decode at every pass.
+    #   At most 1900 (tf.data holds them as one constant, under 2 GB)
     config.data.class_weights = False  # True: weight each training image's loss by
     #   N / (classes x images of its class), for imbalanced data (the mean
     #   weight stays 1; per-class counts are always in the log)

@@ -241,6 +241,18 @@ def resize_image(image: tf.Tensor, image_size: int, policy: str = "resize") -> t
     return tf.ensure_shape(image, image.shape[:-3].concatenate([image_size, image_size, 3]))
 
 
+def size_all(data: ImageSet, image_size: int, resize: str = "resize") -> np.ndarray:
+    """Every image of `data` decoded and sized: float32 `[N, S, S, 3]`.
+
+    The per-image work of `make_dataset` that is the same at every pass, done
+    once, by the same ops (so with the same values); pass the result as
+    `make_dataset(..., sized=...)`. Needs N x S x S x 12 bytes of memory.
+    """
+    ds = make_dataset(data, image_size, 256, training=False, resize=resize)
+    parts = [x for x, _ in ds.as_numpy_iterator()]
+    return np.concatenate(parts) if parts else np.zeros((0, image_size, image_size, 3), np.float32)
+
+
 def training_order(n: int, batch_size: int, seed: int, skip_batches: int = 0) -> tf.data.Dataset:
     """The training stream's `(position, index)` pairs, unbatched.
 
@@ -275,6 +287,7 @@ def make_dataset(
     resize: str = "resize",
     augment: augment_lib.Augment | None = None,
     one_hot: bool = False,
+    sized: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(images, labels)`.
 
@@ -301,6 +314,10 @@ def make_dataset(
             Evaluation takes none.
         one_hot: labels as float32 one-hot `[N, C]` rather than int32 `[N]`;
             required when `augment` mixes batches (soft labels).
+        sized: `size_all(data, image_size, resize)`: every image already
+            decoded and sized, read from memory instead of decoded again at
+            every pass (the same values; not with `random_resized_crop`,
+            which crops the original image).
     """
     check_resize(resize)
     if not training and augment is not None:
@@ -309,25 +326,38 @@ def make_dataset(
     if training and augment.mixes and not one_hot:
         raise ValueError("make_dataset: MixUp/CutMix make soft labels; pass one_hot=True.")
     kind = data.kind
+    if sized is not None:
+        if training and augment.random_resized_crop:
+            raise ValueError("make_dataset: random_resized_crop needs the original images, not sized ones.")
+        if sized.shape != (len(data), image_size, image_size, 3):
+            raise ValueError(
+                f"make_dataset: sized images have shape {sized.shape}, expected "
+                f"{(len(data), image_size, image_size, 3)}."
+            )
+        sized = tf.constant(sized)
     images, labels = tf.constant(data.images), tf.constant(data.labels)
     num_classes = len(data.class_names)
 
-    def read(index):
+    def read_sized(index):
+        """The image at the model's size (per `resize`) and its label."""
+        if sized is not None:
+            _, label = read(index, decode=False)
+            return sized[index], label
+        image, label = read(index)
+        return resize_image(image, image_size, resize), label
+
+    def read(index, decode=True):
         image = images[index]
-        if kind == FILES:
+        if decode and kind == FILES:
             image = tf.io.read_file(image)
-        if kind != ARRAYS:
+        if decode and kind != ARRAYS:
             image = decode_image(image)
         label = labels[index]
         return image, tf.one_hot(label, num_classes) if one_hot else label
 
     if not training:
-        def load(index):
-            image, label = read(index)
-            return resize_image(image, image_size, resize), label
-
         ds = tf.data.Dataset.range(len(data)).map(
-            load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+            read_sized, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -335,11 +365,11 @@ def make_dataset(
     ds = training_order(len(data), batch_size, seed, skip_batches)
 
     def load_and_augment(position, index):
-        image, label = read(index)
         if augment.random_resized_crop:
+            image, label = read(index)
             image = resize_image(pipeline.crop(image, seed, position), image_size)
         else:
-            image = resize_image(image, image_size, resize)
+            image, label = read_sized(index)
         return position, pipeline.image(image, seed, position), label
 
     ds = ds.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -25,6 +25,7 @@ import time
 
 import keras
 import ml_collections
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -35,8 +36,8 @@ from keras_ft import sources, stages as stages_lib, validate
 
 # Keys that may differ between a run and its resumption: the learning rate,
 # so that a run stopped by a NaN loss can resume from its last good
-# checkpoint at a lower rate.
-RESUMABLE_CHANGES = frozenset({"resume", "optimizer.learning_rate"})
+# checkpoint at a lower rate, and what changes speed, not results.
+RESUMABLE_CHANGES = frozenset({"resume", "optimizer.learning_rate", "data.cache_images_mb"})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -341,20 +342,46 @@ class Setup:
     seed: int
     resize: str
     augment: augment_lib.Augment
+    cache_images_mb: float = 0.0
+    _sized: dict = dataclasses.field(default_factory=dict)
+
+    def sized(self, images: data.ImageSet, training: bool) -> np.ndarray | None:
+        """`images` decoded and sized once (`data.size_all`) if they fit in
+        `cache_images_mb` (and training does not crop the originals)."""
+        if training and self.augment.random_resized_crop:
+            return None
+        key = id(images)
+        if key not in self._sized:
+            need = len(images) * self.image_size**2 * 3 * 4
+            if need > self.cache_images_mb * 2**20:
+                if self.cache_images_mb:
+                    logging.info(
+                        "Not caching %d decoded images: %.0f MB > data.cache_images_mb=%g.",
+                        len(images), need / 2**20, self.cache_images_mb,
+                    )
+                self._sized[key] = None
+            else:
+                start = time.perf_counter()
+                self._sized[key] = data.size_all(images, self.image_size, self.resize)
+                logging.info(
+                    "Decoded and sized %d images once, kept in memory (%.1f MB, %.1fs).",
+                    len(images), need / 2**20, time.perf_counter() - start,
+                )
+        return self._sized[key]
 
     def train_dataset(self, skip_batches: int = 0) -> tf.data.Dataset:
         """The run's training stream, `skip_batches` batches in."""
         return data.make_dataset(
             self.train_set, self.image_size, self.batch, training=True, seed=self.seed,
             skip_batches=skip_batches, resize=self.resize, augment=self.augment,
-            one_hot=self.augment.mixes,
+            one_hot=self.augment.mixes, sized=self.sized(self.train_set, True),
         )
 
     def eval_dataset(self, images: data.ImageSet) -> tf.data.Dataset:
         """One plain pass over `images`, sized and labelled as training was."""
         return data.make_dataset(
             images, self.image_size, self.batch, training=False, resize=self.resize,
-            one_hot=self.augment.mixes,
+            one_hot=self.augment.mixes, sized=self.sized(images, False),
         )
 
 
@@ -411,7 +438,18 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     return Setup(
         strategy, dataset, train_set, val_set, scan_report, image_size, batch,
         steps_per_epoch, stages, model, reference, block_lr, config.seed, resize, augment,
+        _cache_budget(config),
     )
+
+
+def _cache_budget(config) -> float:
+    mb = config.data.cache_images_mb
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb <= 1900:
+        raise ValueError(
+            f"data.cache_images_mb must be a number of megabytes in [0, 1900] (0 = off), "
+            f"got {mb!r}."
+        )
+    return float(mb)
 
 
 def reestimate_if_configured(config: ml_collections.ConfigDict, run: Setup) -> None:

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import write_image_folder
-from keras_ft import data, sources
+from keras_ft import augment, data, sources
 
 
 def test_split_is_seeded_stratified_and_disjoint(tmp_path):
@@ -168,3 +168,23 @@ def test_unknown_resize_policy_names_the_choices(tmp_path):
     images = data.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1])
     with pytest.raises(ValueError, match="data.resize"):
         data.make_dataset(images, 4, 2, training=False, resize="squash")
+
+
+@pytest.mark.parametrize("policy", ["resize", "pad"])
+def test_sized_images_in_memory_give_the_same_stream(tmp_path, policy):
+    images = sources.from_folder(write_image_folder(tmp_path, {"a": 5, "b": 6}, size=21))
+    sized = data.size_all(images, 16, policy)
+    assert sized.shape == (11, 16, 16, 3) and sized.dtype == np.float32
+    heavy = augment.Augment(randaugment_ops=2)
+    for kwargs in (dict(training=False), dict(training=True, seed=3, skip_batches=2),
+                   dict(training=True, seed=3, augment=heavy)):
+        decoded = data.make_dataset(images, 16, 4, resize=policy, **kwargs).take(4)
+        cached = data.make_dataset(images, 16, 4, resize=policy, sized=sized, **kwargs).take(4)
+        for (x, y), (cx, cy) in zip(decoded, cached):
+            np.testing.assert_array_equal(x.numpy(), cx.numpy())
+            np.testing.assert_array_equal(y.numpy(), cy.numpy())
+    with pytest.raises(ValueError, match="random_resized_crop needs the original images"):
+        data.make_dataset(images, 16, 4, training=True, sized=sized,
+                          augment=augment.Augment(random_resized_crop=(0.5, 1.0)))
+    with pytest.raises(ValueError, match=r"sized images have shape \(11, 16, 16, 3\), expected"):
+        data.make_dataset(images, 8, 4, training=False, sized=sized)
