@@ -136,6 +136,13 @@ def get_config(arg=None):
     config.optimizer.lr_find.start_lr = 1e-5  # first step's learning rate
     config.optimizer.lr_find.end_lr = 10.0  # last step's; stops early on divergence
     config.optimizer.lr_find.steps = 100  # steps (batches of the training stream)
+    config.optimizer.accumulation_steps = 1  # >1: one SGD update per this many
+    #   batches, from their averaged gradients (effective batch = this x
+    #   train.global_batch_size, on the memory of one batch). Equal to the big
+    #   batch without batch-dependent layers (BatchNorm "frozen"/"reestimate",
+    #   dropout aside); trainable BatchNorm normalises each small batch on its
+    #   own. Schedules and warmup_steps count updates. Must divide the steps
+    #   per epoch and stage lengths in steps
     config.optimizer.clip_norm = 0.0  # clip gradients to this global norm; 0 = off
     config.optimizer.l2sp = 0.0  # L2-SP alpha: adds alpha/2 * ||θ - θ0||^2 over
     #   the trained backbone weights, θ0 = the pretrained ones (Li et al., 2018)

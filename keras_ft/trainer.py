@@ -222,6 +222,9 @@ def build_model(
 ) -> model_lib.Classifier:
     """The compiled classifier of `config` (call under the strategy's scope).
 
+    `total_steps` counts batches; with `optimizer.accumulation_steps` N, the
+    learning-rate schedule runs over the N times fewer updates.
+
     The configured weights are loaded even when a checkpoint will replace
     them: they also decide the preprocessing and BatchNorm epsilon, which a
     checkpoint does not hold. The loss takes one-hot labels when
@@ -245,11 +248,17 @@ def build_model(
     loss, metrics = loss_and_metrics(augmentation(config).mixes)
     model.compile(
         optimizer=optim.SGD(
-            learning_rate_schedule(config.optimizer, total_steps),
+            learning_rate_schedule(
+                config.optimizer, max(1, total_steps // config.optimizer.accumulation_steps)
+            ),
             momentum=config.optimizer.momentum,
             nesterov=config.optimizer.nesterov,
             weight_decay=config.optimizer.weight_decay,
             global_clipnorm=config.optimizer.clip_norm or None,
+            gradient_accumulation_steps=(
+                config.optimizer.accumulation_steps
+                if config.optimizer.accumulation_steps > 1 else None
+            ),
         ),
         loss=loss,
         metrics=metrics,
@@ -416,6 +425,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
             f"train.global_batch_size={batch}; lower the batch size."
         )
     steps_per_epoch = config.train.steps_per_epoch or len(train_set) // batch
+    _check_accumulation(config, steps_per_epoch, stages)
     logging.info(
         "Data %s: %d train / %d validation images (%s), %d classes (%s).",
         config.data.source, len(train_set), len(val_set),
@@ -439,6 +449,38 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         strategy, dataset, train_set, val_set, scan_report, image_size, batch,
         steps_per_epoch, stages, model, reference, block_lr, config.seed, resize, augment,
         _cache_budget(config),
+    )
+
+
+def _check_accumulation(config, steps_per_epoch: int, stages: list) -> None:
+    """`optimizer.accumulation_steps` N: updates must not straddle an epoch
+    or a stage boundary (an accumulator of a variable that a stage freezes
+    would keep its partial sum)."""
+    n = config.optimizer.accumulation_steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"optimizer.accumulation_steps must be an integer >= 1, got {n!r}.")
+    if n == 1:
+        return
+    if steps_per_epoch % n:
+        raise ValueError(
+            f"optimizer.accumulation_steps={n} must divide the {steps_per_epoch} steps per "
+            "epoch (set train.steps_per_epoch or the batch size), so that no update "
+            "straddles an epoch."
+        )
+    bad = [s.describe() for s in stages if s.steps and s.steps % n]
+    if bad:
+        raise ValueError(
+            f"optimizer.accumulation_steps={n} must divide every stage length in steps; "
+            f"not {', '.join(bad)}."
+        )
+    if config.optimizer.learning_rate == "auto":
+        raise ValueError(
+            "optimizer.learning_rate='auto' runs the range test one update per batch: "
+            "run it without accumulation (launch.lr_find), then set the rate."
+        )
+    logging.info(
+        "Gradient accumulation: one update per %d batches of %d (effective batch %d).",
+        n, config.train.global_batch_size, n * config.train.global_batch_size,
     )
 
 
@@ -563,7 +605,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
     stages, steps_per_epoch, block_lr = run.stages, run.steps_per_epoch, run.block_lr
     _write_json(os.path.join(workdir, "data_scan.json"), json.loads(run.scan_report.to_json()))
     val_ds = run.eval_dataset(val_set)
-    total_steps = config.train.epochs * steps_per_epoch
+    total_steps = config.train.epochs * steps_per_epoch // config.optimizer.accumulation_steps
 
     # ------------------------------------------------------------------ resume
     manager = checkpoint.CheckpointManager(

@@ -248,3 +248,22 @@ def test_cached_features_train_as_the_images_do_and_resume(tmp_path, images, ref
     assert "Cached 2 x 16 training and 4 validation features" in resumed.stderr
     assert "starting at step 3 of epoch 1" in resumed.stderr
     assert_same_run(workdir, reference, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_9_between_accumulated_batches_resumes_bitwise(tmp_path, images):
+    # One update per 2 batches; a checkpoint after every batch. Killed after
+    # batch 7, half-way through update 4: the checkpoint holds the gradient
+    # accumulators, and the resumed run ends where the uninterrupted one does.
+    accumulated = [*flags(images), "--config.optimizer.accumulation_steps=2",
+                   "--config.checkpoint.every_steps=1"]
+    reference = tmp_path / "reference"
+    assert run_train(reference, *accumulated).returncode == 0
+    workdir = tmp_path / "run"
+    assert run_fault(workdir, "kill", 7, *accumulated).returncode == -9
+    assert checkpoints(workdir)[-1] == "ckpt-000000007"
+    resumed = run_train(workdir, *accumulated)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "ckpt-000000007: 1 epoch(s) and 3 step(s) done" in resumed.stderr
+    assert_same_run(workdir, reference)
+    assert '"steps": 6' in (workdir / "metrics.json").read_text()  # 12 batches, 6 updates
