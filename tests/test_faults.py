@@ -77,6 +77,15 @@ def assert_same_run(workdir, reference, atol=0.0):
             np.testing.assert_allclose(float(row[key]), float(expected[key]), rtol=0, atol=atol)
 
 
+def reference_and_fault(tmp_path, overrides, kind, step, returncode):
+    """An uninterrupted run, and a run with a fault at `step` then rerun."""
+    reference = tmp_path / "reference"
+    assert run_train(reference, *overrides).returncode == 0
+    workdir = tmp_path / "run"
+    assert run_fault(workdir, kind, step, *overrides).returncode == returncode
+    return reference, workdir
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, images):
     """The uninterrupted run, deterministic."""
@@ -194,10 +203,7 @@ def test_preempted_mirrored_run_resumes_mid_epoch(tmp_path, images):
     # mean loss to float32 rounding of those sums (1e-6).
     mirrored = [*flags(images), "--config.distribute.strategy=mirrored",
                 "--config.distribute.cpu_devices=2"]
-    reference = tmp_path / "reference"
-    assert run_train(reference, *mirrored).returncode == 0
-    workdir = tmp_path / "run"
-    assert run_fault(workdir, "sigterm", 7, *mirrored).returncode == 42
+    reference, workdir = reference_and_fault(tmp_path, mirrored, "sigterm", 7, 42)
     resumed = run_train(workdir, *mirrored)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in resumed.stderr
@@ -257,10 +263,7 @@ def test_kill_9_between_accumulated_batches_resumes_bitwise(tmp_path, images):
     # accumulators, and the resumed run ends where the uninterrupted one does.
     accumulated = [*flags(images), "--config.optimizer.accumulation_steps=2",
                    "--config.checkpoint.every_steps=1"]
-    reference = tmp_path / "reference"
-    assert run_train(reference, *accumulated).returncode == 0
-    workdir = tmp_path / "run"
-    assert run_fault(workdir, "kill", 7, *accumulated).returncode == -9
+    reference, workdir = reference_and_fault(tmp_path, accumulated, "kill", 7, -9)
     assert checkpoints(workdir)[-1] == "ckpt-000000007"
     resumed = run_train(workdir, *accumulated)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
