@@ -15,7 +15,6 @@ benchmarks/results/checkpointing.json.
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import _results  # noqa: E402  (benchmarks/_results.py)
 
 
 def worker(backbone, image_size, batch_size, deterministic):
@@ -80,8 +81,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
     parser.add_argument("--worker", nargs=2, metavar=("BACKBONE", "DETERMINISTIC"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=os.path.join(
-        os.path.dirname(__file__), "results", "checkpointing.json"))
+    parser.add_argument("--out", default=_results.default_path("checkpointing"))
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker[0], args.image_size, args.batch_size, args.worker[1] == "1")
@@ -131,10 +131,7 @@ def main():
         print(f"{name:<14}{args.batch_size / r['step_seconds']:>8.1f}"
               f"{args.batch_size / r['deterministic_step_seconds']:>15.1f}"
               f"{r['deterministic_cost']:>13.2f}x{r['save_seconds']:>10.3f}{r['save_in_steps']:>12.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}")
+    _results.write(results, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the trainable variables, so nothing is back-propagated into the backbone.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -28,6 +27,8 @@ import keras_ft  # noqa: E402
 from keras_ft import freezing  # noqa: E402
 from keras_ft.stages import Stage  # noqa: E402
 
+import _results  # noqa: E402  (benchmarks/_results.py)
+
 MODES = {"head_only": 0, "last_block": 1, "full": -1}
 
 
@@ -38,7 +39,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "freezing.json"))
+    parser.add_argument("--out", default=_results.default_path("freezing"))
     args = parser.parse_args()
 
     keras.utils.set_random_seed(0)
@@ -93,10 +94,7 @@ def main():
     for m in modes:
         print(f"{m:<12}{results['steps_per_sec'][m]:>9.3f}{results['images_per_sec'][m]:>8.1f}"
               f"{params[m]:>12,}{results['cost_vs_inference'][m]:>13.2f}{results['speedup_vs_full'][m]:>20.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}")
+    _results.write(results, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ not the input, sets the pace); writes benchmarks/results/pipeline.json.
 """
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -37,6 +36,8 @@ import tensorflow as tf  # noqa: E402
 import keras_ft  # noqa: E402
 from keras_ft import augment, data, features, freezing, sources  # noqa: E402
 from keras_ft.stages import Stage  # noqa: E402
+
+import _results  # noqa: E402  (benchmarks/_results.py)
 
 
 def write_photos(root, n, seed=0):
@@ -74,8 +75,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(
-        os.path.dirname(__file__), "results", "pipeline.json"))
+    parser.add_argument("--out", default=_results.default_path("pipeline"))
     args = parser.parse_args()
     size, batch = args.image_size, args.batch_size
 
@@ -160,10 +160,7 @@ def main():
               f"{m['all_blocks']:>12.0f}{r['pipeline_over_head_only']:>10.1f}x"
               f"{r['pipeline_over_all_blocks']:>9.1f}x{r['heavy_pipeline_over_all_blocks']:>10.1f}x"
               f"{e['images']:>10.2f}s{e['cached']:>8.3f}s{r['cached_epoch_speedup']:>8.1f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}")
+    _results.write(results, args.out)
 
 
 if __name__ == "__main__":
