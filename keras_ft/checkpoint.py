@@ -25,6 +25,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -103,20 +104,36 @@ def _variables(trackable) -> list:
     return [trackable]
 
 
+def fingerprint(model: keras.Model) -> str:
+    """SHA-256 of every variable of `model` (values, in order): equal on two
+    machines exactly when their weights are bitwise equal, e.g. the workers
+    of a multi-worker run."""
+    digest = hashlib.sha256()
+    for v in model.variables:
+        digest.update(np.ascontiguousarray(v.numpy()).tobytes())
+    return digest.hexdigest()
+
+
 class CheckpointManager:
     """Saves and restores `tf.train.Checkpoint`s atomically.
 
     Args:
         directory: where the `ckpt-*` folders live.
         keep: how many of the newest checkpoints to keep.
+        read_directory: where `restore_latest` looks (default: `directory`).
+            A multi-worker run's other workers save into a temporary
+            folder but restore the chief's checkpoints.
         **objects: what to checkpoint (e.g. `model=..., optimizer=...`);
             `model_objects` gives those of a training run.
     """
 
-    def __init__(self, directory: str, keep: int = 2, **objects):
+    def __init__(
+        self, directory: str, keep: int = 2, read_directory: str | None = None, **objects
+    ):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}.")
         self.directory = directory
+        self.read_directory = read_directory or directory
         self.keep = keep
         self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
@@ -126,10 +143,14 @@ class CheckpointManager:
                 logging.warning("Removing incomplete checkpoint %s.", name)
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
-    def all(self) -> list[str]:
-        """Complete checkpoint folders, oldest first."""
-        names = [n for n in os.listdir(self.directory) if n.startswith(PREFIX)]
-        return [os.path.join(self.directory, n) for n in sorted(names)]
+    def all(self, directory: str | None = None) -> list[str]:
+        """Complete checkpoint folders in `directory` (default: the one saved
+        to), oldest first."""
+        directory = directory or self.directory
+        if not os.path.isdir(directory):
+            return []
+        names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
+        return [os.path.join(directory, n) for n in sorted(names)]
 
     def non_finite(self) -> list[str]:
         """Paths of the checkpointed float variables holding a NaN or infinity."""
@@ -176,7 +197,7 @@ class CheckpointManager:
 
     def restore_latest(self) -> dict | None:
         """Restores the newest readable checkpoint; returns its state or None."""
-        for path in reversed(self.all()):
+        for path in reversed(self.all(self.read_directory)):
             try:
                 with open(os.path.join(path, STATE_FILE)) as f:
                     state = json.load(f)
@@ -213,6 +234,11 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
             save at the next step boundary and raise `Preempted`.
         describe_stage: a function of no arguments giving the current stage,
             stored for the record.
+        agree: a function from a list of flags to the same flags OR-ed over
+            all workers (`keras_ft.distribute.any_worker`), so that every
+            worker of a multi-worker run saves at the same step (a save
+            reads the metric sums, a collective) and stops together when
+            any of them is preempted. Default: each worker decides alone.
     """
 
     def __init__(
@@ -225,6 +251,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         extra: dict | None = None,
         preemption=None,
         describe_stage=None,
+        agree=None,
     ):
         super().__init__()
         if every_steps < 0 or every_seconds < 0:
@@ -240,6 +267,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         self.extra = dict(extra or {})
         self.preemption = preemption
         self.describe_stage = describe_stage
+        self.agree = agree or (lambda flags: flags)
         self.metric_sums = None  # a resumed epoch's partial metric sums
         self._epoch = 0
         self._last_save = time.monotonic()
@@ -268,13 +296,15 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         if step >= self.steps_per_epoch:
             return  # on_epoch_end saves it, with the validation results
         global_step = self._epoch * self.steps_per_epoch + step
-        preempted = self.preemption is not None and self.preemption.requested
-        due = (
-            preempted
-            or (self.every_steps and global_step % self.every_steps == 0)
-            or (self.every_seconds and time.monotonic() - self._last_save >= self.every_seconds)
-        )
-        if due:
+        preempted, due = self.agree([
+            self._preempted(),
+            bool(
+                (self.every_steps and global_step % self.every_steps == 0)
+                or (self.every_seconds
+                    and time.monotonic() - self._last_save >= self.every_seconds)
+            ),
+        ])
+        if preempted or due:
             metric_sums = [np.asarray(v.numpy()).tolist() for v in self.model.metrics_variables]
             path = self._save(self._epoch, step, metric_sums)
             if preempted:
@@ -284,8 +314,11 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         self.end_resumed_epoch()
         self.history.append({k: float(v) for k, v in (logs or {}).items()})
         path = self._save(epoch + 1, 0, None)
-        if self.preemption is not None and self.preemption.requested:
+        if self.agree([self._preempted()])[0]:
             raise Preempted(path, (epoch + 1) * self.steps_per_epoch)
+
+    def _preempted(self) -> bool:
+        return self.preemption is not None and self.preemption.requested
 
     def _save(self, epoch: int, step: int, metric_sums) -> str:
         state = dict(

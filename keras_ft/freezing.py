@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import backbones, callbacks, stages as stages_lib
+from keras_ft import backbones, callbacks, optim, stages as stages_lib
 from keras_ft.stages import Stage
 
 BN_POLICIES = ("frozen", "trainable", "reestimate")
@@ -66,6 +66,18 @@ def _check(value: str, valid: Sequence[str], what: str) -> None:
 
 def _is_bn(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def synchronize_batchnorm(model: keras.Model) -> int:
+    """Makes every BatchNorm layer of `model` compute its training-mode batch
+    statistics over all replicas in sync (Keras' `synchronized=True`: one
+    all-reduce per layer and step). Matters only where BatchNorm trains
+    (`freeze.batchnorm="trainable"`) with a small per-replica batch. Returns
+    the number of layers."""
+    layers = [layer for layer in model._flatten_layers() if _is_bn(layer)]
+    for layer in layers:
+        layer.synchronized = True
+    return len(layers)
 
 
 def _wanted(layer, variable, method: str) -> bool:
@@ -130,7 +142,7 @@ def apply_stage(
     head = [v for v in model.head.weights]
     chosen += head
     model.set_stage_variables(chosen)
-    optimizer = getattr(model, "optimizer", None)  # None before compile()
+    optimizer = optim.unwrap(getattr(model, "optimizer", None))  # None before compile()
     if optimizer is not None and optimizer.built:
         optimizer.lr_scale.assign(stage.lr_scale)
         optimizer.set_lr_multipliers(multipliers)

@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import schedules
+from keras_ft import optim, schedules
 
 CSV_FILE, PNG_FILE, JSON_FILE = "lr_find.csv", "lr_find.png", "lr_find.json"
 
@@ -222,7 +222,7 @@ def find_learning_rate(
     print(test.suggestion)
     ```
     """
-    optimizer = getattr(model, "optimizer", None)
+    optimizer = optim.unwrap(getattr(model, "optimizer", None))
     if optimizer is None or not hasattr(optimizer, "lr_scale"):
         raise ValueError("The range test needs a model compiled with keras_ft.optim.SGD.")
     if not optimizer.built:

@@ -70,7 +70,8 @@ class Classifier(keras.Model):
         x = backbone(x)
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
         x = keras.layers.Dropout(dropout, name="dropout")(x)
-        outputs = keras.layers.Dense(num_classes, name="head")(x)
+        # float32 logits (and so loss) under a mixed precision policy.
+        outputs = keras.layers.Dense(num_classes, name="head", dtype="float32")(x)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
         self.backbone = backbone
@@ -221,6 +222,27 @@ class Classifier(keras.Model):
             self.optimizer.apply(grads, variables)
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds the compiled loss and metrics from a first batch before
+        # fit() or evaluate(). With a distributed dataset it averages that
+        # batch over the replicas with an eager `strategy.reduce`, only to read
+        # its shapes; under MultiWorkerMirroredStrategy that reduce fails
+        # ("Attempt to convert a value (PerReplica...) to a Tensor",
+        # keras-team/keras#20585). One replica's local batch has the same
+        # structure and dtypes, and needs no collective.
+        strategy = self._distribute_strategy  # None: Keras builds when tracing
+        if strategy is not None and iterator is not None and data_batch is None:
+
+            def local(value):
+                if isinstance(value, tf.distribute.DistributedValues):
+                    return strategy.experimental_local_results(value)[0]
+                return value
+
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(local, next(batches))
+                break
+        return super()._maybe_symbolic_build(data_batch=data_batch)
+
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self._logits(x, training=False)
@@ -236,7 +258,15 @@ class Classifier(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=batch)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages the replicas' logs over workers with
+            # `strategy.reduce("MEAN", value, axis=0)`, which needs an axis:
+            # a scalar fails ("Invalid reduction dimension 0"). A length-1
+            # vector per replica reduces to the mean scalar. (The epoch's logs
+            # are read from the metrics themselves, summed over all workers.)
+            logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
+        return logs
 
     def get_config(self):
         # Rebuilt from the registry with random weights; load the weights

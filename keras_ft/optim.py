@@ -121,3 +121,12 @@ class SGD(keras.optimizers.Optimizer):
             weight_decay=self.decoupled_weight_decay,
         )
         return config
+
+
+def unwrap(optimizer):
+    """The optimizer that applies the update: under `mixed_float16` Keras
+    wraps the compiled one in a `LossScaleOptimizer`; the stage schedule and
+    the range test set the learning-rate scales of the `SGD` inside it."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer

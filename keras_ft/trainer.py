@@ -36,8 +36,14 @@ from keras_ft import sources, stages as stages_lib, validate
 
 # Keys that may differ between a run and its resumption: the learning rate,
 # so that a run stopped by a NaN loss can resume from its last good
-# checkpoint at a lower rate, and what changes speed, not results.
-RESUMABLE_CHANGES = frozenset({"resume", "optimizer.learning_rate", "data.cache_images_mb"})
+# checkpoint at a lower rate, and what changes speed, not results: the
+# strategy among them, since the global batch (and so every step) stays the
+# same on any number of replicas; a run preempted on 8 GPUs may go on on 4.
+RESUMABLE_CHANGES = frozenset({
+    "resume", "optimizer.learning_rate", "data.cache_images_mb", "train.jit_compile",
+    "distribute.strategy", "distribute.cpu_devices",
+})
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -143,6 +149,23 @@ def load_splits(data_config, seed: int):
     return dataset, train_set, val_set, scan_report
 
 
+def configured_rate(config: ml_collections.ConfigDict):
+    """`optimizer.learning_rate`, scaled by the linear rule when
+    `optimizer.lr_scaling="linear"`: times (global batch x accumulation
+    steps) / `optimizer.lr_base_batch_size`. "auto" is returned as it is."""
+    opt = config.optimizer
+    rate, rule = opt.learning_rate, opt.lr_scaling
+    if rule not in ("none", "linear"):
+        raise ValueError(f"optimizer.lr_scaling must be 'none' or 'linear', got {rule!r}.")
+    if rule == "none" or rate == "auto":
+        return rate
+    base = opt.lr_base_batch_size
+    if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+        raise ValueError(f"optimizer.lr_base_batch_size must be a positive integer, got {base!r}.")
+    learning_rate_schedule(opt, 1)  # a bad rate fails with its own message
+    return rate * config.train.global_batch_size * opt.accumulation_steps / base
+
+
 def learning_rate_schedule(
     optimizer: ml_collections.ConfigDict, total_steps: int, learning_rate=None
 ):
@@ -231,15 +254,24 @@ def build_model(
     `data.augment` mixes batches (MixUp/CutMix), integer labels otherwise.
     """
     weights = config.model.weights
-    model = model_lib.build_classifier(
-        config.model.backbone,
-        num_classes=len(class_names),
-        image_size=image_size,
-        weights=None if str(weights).lower() == "none" else weights,
-        weights_sha256=config.model.weights_sha256 or None,
-        dropout=config.model.dropout,
-        class_names=class_names,
-    )
+    precision, jit_compile = _precision(config)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)  # for the layers built here
+    try:
+        model = model_lib.build_classifier(
+            config.model.backbone,
+            num_classes=len(class_names),
+            image_size=image_size,
+            weights=None if str(weights).lower() == "none" else weights,
+            weights_sha256=config.model.weights_sha256 or None,
+            dropout=config.model.dropout,
+            class_names=class_names,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if config.distribute.sync_batchnorm:
+        synced = freezing.synchronize_batchnorm(model)
+        logging.info("Synchronized BatchNorm: %d layers use global-batch statistics.", synced)
     if config.freeze.method == "lora":
         deepest = -1 if any(s.blocks == -1 for s in stages) else max(s.blocks for s in stages)
         adapted = freezing.enable_lora(model, config.freeze.lora_rank, deepest)
@@ -249,7 +281,9 @@ def build_model(
     model.compile(
         optimizer=optim.SGD(
             learning_rate_schedule(
-                config.optimizer, max(1, total_steps // config.optimizer.accumulation_steps)
+                config.optimizer,
+                max(1, total_steps // config.optimizer.accumulation_steps),
+                configured_rate(config),
             ),
             momentum=config.optimizer.momentum,
             nesterov=config.optimizer.nesterov,
@@ -262,8 +296,21 @@ def build_model(
         ),
         loss=loss,
         metrics=metrics,
-    )
+        jit_compile=jit_compile,
+    )  # under mixed_float16, Keras wraps the SGD in a LossScaleOptimizer
     return model
+
+
+def _precision(config) -> tuple[str, bool | str]:
+    """`train.precision` and `train.jit_compile`, checked."""
+    precision, jit = config.train.precision, config.train.jit_compile
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"train.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}."
+        )
+    if not (isinstance(jit, bool) or jit == "auto"):
+        raise ValueError(f"train.jit_compile must be True, False or 'auto', got {jit!r}.")
+    return precision, jit
 
 
 def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
@@ -394,12 +441,14 @@ class Setup:
         )
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def setup(
+    config: ml_collections.ConfigDict, strategy: tf.distribute.Strategy | None = None
+) -> Setup:
     """Strategy, data and model of `config`: what `train` and `launch.lr_find`
-    both start from. Creates the strategy once; only model building and
-    `compile()` run under its scope."""
-    if config.distribute.cpu_devices:
-        distribute.split_cpu(config.distribute.cpu_devices)
+    both start from. Creates the strategy once (unless given: `train` creates
+    it first thing); only model building and `compile()` run under its scope."""
+    if strategy is None:
+        strategy = distribute.start(config.distribute)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:  # bitwise-repeatable kernels (the data order always is)
         tf.config.experimental.enable_op_determinism()
@@ -408,13 +457,17 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     resize = data.check_resize(config.data.resize)
     augment = augmentation(config)
 
-    strategy = distribute.create(config.distribute.strategy)
     batch = config.train.global_batch_size
     distribute.check_batch_size(batch, strategy)
-    logging.info(
-        "Strategy %s with %d replica(s).",
-        type(strategy).__name__, strategy.num_replicas_in_sync,
-    )
+    logging.info("Strategy %s.", distribute.describe(strategy))
+    precision, jit_compile = _precision(config)
+    logging.info("Precision %s; XLA jit_compile=%s.", precision, jit_compile)
+    if configured_rate(config) != config.optimizer.learning_rate:
+        logging.info(
+            "Linear LR scaling: %g x %d x %d / %d = %g.", config.optimizer.learning_rate,
+            config.train.global_batch_size, config.optimizer.accumulation_steps,
+            config.optimizer.lr_base_batch_size, configured_rate(config),
+        )
 
     dataset, train_set, val_set, scan_report = load_splits(config.data, config.seed)
     for line in scan_report.lines():
@@ -574,43 +627,57 @@ def train(
             weights became NaN or infinite; the last checkpoint is intact.
         ValueError: bad config, data or workdir.
     """
-    with preemption.Watch() as watch:
-        return _train(config, workdir, watch, list(extra_callbacks))
+    # First: multi_worker must configure the runtime before any op runs.
+    strategy = distribute.start(config.distribute)
+    with preemption.Watch() as watch, distribute.output_dir(strategy, workdir) as out:
+        return _train(config, workdir, out, strategy, watch, list(extra_callbacks))
 
 
-def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list) -> dict:
+def _train(
+    config, workdir: str, out: str, strategy, watch: preemption.Watch, extra_callbacks: list
+) -> dict:
+    """`train`, reading the run from `workdir` and writing it to `out` (the
+    same folder, except on a worker that is not the chief)."""
     # ------------------------------------------------------------------ config
     image_size = _image_size(config)
     stages_lib.parse(config.freeze.stages)  # bad values fail before any work
     data.check_resize(config.data.resize)
     augmentation(config)
+    _precision(config)
+    configured_rate(config)
     resolved = config.to_dict()
     resolved["model"]["image_size"] = image_size
-    os.makedirs(workdir, exist_ok=True)
-    config_path = os.path.join(workdir, "config.json")
+    os.makedirs(out, exist_ok=True)
     checkpoints_dir = os.path.join(workdir, "checkpoints")
     has_checkpoints = os.path.isdir(checkpoints_dir) and any(
         n.startswith(checkpoint.PREFIX) for n in os.listdir(checkpoints_dir)
     )
     if config.resume and has_checkpoints:
         _check_resumable(workdir, resolved)
-    elif not config.resume:
+    elif not config.resume and out == workdir:
         _set_aside_old_run(workdir)
-    _write_json(config_path, resolved)
+    _write_json(os.path.join(out, "config.json"), resolved)
+    if config.optimizer.learning_rate == "auto" and distribute.num_workers(strategy) > 1:
+        raise ValueError(
+            "optimizer.learning_rate='auto' runs the range test on one worker: run "
+            "`python -m launch.lr_find` with the same config once, then set "
+            "--config.optimizer.learning_rate to its suggestion."
+        )
 
     # ------------------------------------------------- strategy, data, model
-    run = setup(config)
-    strategy, model, batch = run.strategy, run.model, run.batch
+    run = setup(config, strategy)
+    model, batch = run.model, run.batch
     dataset, train_set, val_set = run.dataset, run.train_set, run.val_set
     stages, steps_per_epoch, block_lr = run.stages, run.steps_per_epoch, run.block_lr
-    _write_json(os.path.join(workdir, "data_scan.json"), json.loads(run.scan_report.to_json()))
-    val_ds = run.eval_dataset(val_set)
+    _write_json(os.path.join(out, "data_scan.json"), json.loads(run.scan_report.to_json()))
+    val_ds = distribute.shard_by_data(run.eval_dataset(val_set))
     total_steps = config.train.epochs * steps_per_epoch // config.optimizer.accumulation_steps
 
     # ------------------------------------------------------------------ resume
     manager = checkpoint.CheckpointManager(
-        checkpoints_dir,
+        os.path.join(out, "checkpoints"),
         keep=config.checkpoint.keep,
+        read_directory=checkpoints_dir,  # every worker resumes from the chief's
         **checkpoint.model_objects(model, run.reference),
     )
     state = _restore(manager, run, has_checkpoints) if config.resume else None
@@ -619,7 +686,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
     if state is None:  # a resumed run's checkpoint holds its statistics
         reestimate_if_configured(config, run)
     else:  # a constant rate is an optimizer variable: the config's, not the checkpoint's
-        rate = learning_rate_schedule(config.optimizer, total_steps)
+        rate = learning_rate_schedule(config.optimizer, total_steps, configured_rate(config))
         if isinstance(rate, float):
             model.optimizer.learning_rate = rate
 
@@ -652,7 +719,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
 
     # --------------------------------------------------------------------- fit
     throughput = callbacks.Throughput(batch)
-    history_path = os.path.join(workdir, "history.csv")
+    history_path = os.path.join(out, "history.csv")
 
     class _WriteHistory(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -672,6 +739,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
         extra={"class_names": dataset.class_names, "seed": config.seed},
         preemption=watch,
         describe_stage=schedule.describe,
+        agree=lambda flags: distribute.any_worker(strategy, flags),
     )
     stop_on_nan = callbacks.StopOnNonFiniteLoss()
     fit_callbacks = [
@@ -679,7 +747,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
         freezing.BlockDrift(),
         stop_on_nan,  # before the save: a NaN step is never checkpointed
         throughput,
-        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+        keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
         progress,
         _WriteHistory(),
         saver,  # last: the epoch's logs are complete when it stores them
@@ -709,6 +777,7 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
             train_ds = features.training_stream(cache, batch, config.seed, skip, run.augment)
         else:
             train_ds = run.train_dataset(skip_batches=skip)
+        train_ds = distribute.shard_by_data(train_ds)
         if cached_epochs:  # fresh step functions for features or images: a
             # retraced function relaxed to both would lose the input's rank
             model.make_train_function(force=True)
@@ -718,7 +787,10 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
         saver.resume_at(first_step, state.get("metric_sums") if state else None)
         model.fit(
             train_ds,
-            validation_data=features.validation_stream(cache, batch) if cached else val_ds,
+            validation_data=(
+                distribute.shard_by_data(features.validation_stream(cache, batch))
+                if cached else val_ds
+            ),
             epochs=last_epoch,
             initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch - first_step,
@@ -759,16 +831,17 @@ def _train(config, workdir: str, watch: preemption.Watch, extra_callbacks: list)
         "num_classes": len(dataset.class_names),
         "replicas": strategy.num_replicas_in_sync,
         "resumed_from": state["path"] if state else None,
+        "weights_sha256": checkpoint.fingerprint(model),
     }
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params
         metrics["trainable_fraction"] = schedule.info.fraction
     if config.export.enabled:
         path = export.export_saved_model(
-            model, os.path.join(workdir, "export"), dataset.class_names, image_size,
+            model, os.path.join(out, "export"), dataset.class_names, image_size,
             resize=run.resize,
         )
         logging.info("Exported SavedModel to %s.", path)
-    _write_json(os.path.join(workdir, "metrics.json"), metrics)
+    _write_json(os.path.join(out, "metrics.json"), metrics)
     logging.info("Final metrics: %s", json.dumps(metrics))
     return metrics
