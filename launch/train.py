@@ -11,6 +11,8 @@ Exit codes:
     2  bad input: config, data, weights (one line on stderr says what and how)
     3  the training loss (or a weight) became NaN or infinite; the last
        checkpoint is intact and finite: lower the learning rate and rerun
+    4  multi-worker: another worker stopped or became unreachable mid-run;
+       restart all workers (the job's own restart policy does)
     42 preempted: SIGTERM arrived, a checkpoint was saved at the next step
        boundary; rerun the same command to resume (TensorFlow's restart code)
 
@@ -26,6 +28,7 @@ from ml_collections import config_flags
 from launch import cli
 
 EXIT_NON_FINITE_LOSS = 3
+EXIT_PEER_LOST = 4
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py).", lock_config=True
@@ -41,6 +44,8 @@ def main(argv):
     if config is None:
         return cli.EXIT_BAD_INPUT
     # After flag parsing: TensorFlow is slow to import.
+    import tensorflow as tf
+
     from keras_ft import checkpoint, preemption, trainer
 
     try:
@@ -51,6 +56,13 @@ def main(argv):
     except checkpoint.Preempted as e:
         logging.warning("%s", e)
         return preemption.EXIT_PREEMPTED
+    except tf.errors.UnavailableError as e:  # multi-worker: a peer process is gone
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cli.fail(
+            f"lost contact with another worker ({first}); restart every worker with the "
+            "same command: they resume together from the chief's last checkpoint."
+        )
+        return EXIT_PEER_LOST
     except cli.INPUT_ERRORS as e:
         return cli.fail(e)
     return 0

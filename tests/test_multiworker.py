@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, error_line, run_train
+from keras_ft.preemption import EXIT_PREEMPTED
 from launch import multiworker
 from test_distribute import _variables
 
@@ -114,6 +115,23 @@ def test_two_workers_match_one_device_and_only_the_chief_writes(tmp_path, images
     _assert_same_run(str(workdir), one_device)
 
 
+def _start_workers(tmp_path, workdir, images, *overrides):
+    """Two worker processes of one job, logging to tmp_path/worker{0,1}.log,
+    with their temporary folders in tmp_path/tmp."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    hosts = [f"127.0.0.1:{p}" for p in multiworker.free_ports(2)]
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        env = dict(_env(tmp_path / "tmp"), TF_CONFIG=multiworker.tf_config(hosts, i))
+        with open(logs[i], "w") as log:
+            procs.append(subprocess.Popen(
+                _train_command(workdir, images, *overrides), cwd=REPO, env=env,
+                stdout=log, stderr=subprocess.STDOUT,
+            ))
+    return procs, logs
+
+
 @pytest.mark.slow
 def test_a_preempted_worker_stops_all_and_they_resume_together(tmp_path, images, one_device):
     """SIGTERM to worker 1 alone: both agree on the step, save, exit 42; the
@@ -122,16 +140,7 @@ def test_a_preempted_worker_stops_all_and_they_resume_together(tmp_path, images,
     tmp.mkdir()
     workdir = tmp_path / "run"
     every = "--config.checkpoint.every_steps=2"
-    hosts = [f"127.0.0.1:{p}" for p in multiworker.free_ports(2)]
-    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = []
-    for i in range(2):
-        env = dict(_env(tmp), TF_CONFIG=multiworker.tf_config(hosts, i))
-        with open(logs[i], "w") as log:
-            procs.append(subprocess.Popen(
-                _train_command(workdir, images, every),
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))
+    procs, logs = _start_workers(tmp_path, workdir, images, every)
     deadline = time.monotonic() + 300
     while "ckpt-000000002." not in logs[0].read_text():
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (
@@ -225,3 +234,45 @@ def test_strategy_errors(tmp_path, images, monkeypatch, tf_config, strategy, mes
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in error_line(result)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_lost_worker_stops_the_others_with_exit_4(tmp_path, images):
+    procs, logs = _start_workers(tmp_path, tmp_path / "run", images,
+                                 "--config.train.epochs=50", "--config.export.enabled=False")
+    deadline = time.monotonic() + 300
+    while "epoch 1/50 done" not in logs[0].read_text():
+        assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+        time.sleep(0.1)
+    procs[1].kill()  # kill -9: no save, no goodbye
+    assert procs[0].wait(timeout=120) == 4, logs[0].read_text()[-3000:]
+    assert "error: lost contact with another worker" in logs[0].read_text()
+
+
+def test_kubernetes_manifest_builds_each_pods_tf_config(tmp_path):
+    import yaml
+    with open(os.path.join(REPO, "k8s", "multiworker-job.yaml")) as f:
+        service, job = list(yaml.safe_load_all(f))
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    workers = int({e["name"]: e["value"] for e in container["env"]}["NUM_WORKERS"])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == workers
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    # Retried: preempted (42) and peer lost (4); fatal: bad input (2), NaN (3).
+    rules = {r["action"]: r["onExitCodes"]["values"]
+             for r in spec["podFailurePolicy"]["rules"] if "onExitCodes" in r}
+    from launch import train
+    assert sorted(rules["Ignore"]) == sorted([train.EXIT_PEER_LOST, EXIT_PREEMPTED])
+    assert sorted(rules["FailJob"]) == [2, train.EXIT_NON_FINITE_LOSS]
+    # The pod's script, run up to its exec, for pod 1 of 2.
+    script = container["args"][0]
+    script = script[: script.index("exec ")] + 'echo "$TF_CONFIG"\n'
+    env = dict(os.environ, JOB_COMPLETION_INDEX="1", NUM_WORKERS=str(workers))
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    hosts = [f"keras-ft-{i}.keras-ft-workers:2222" for i in range(workers)]
+    assert json.loads(out) == json.loads(multiworker.tf_config(hosts, 1))
