@@ -645,6 +645,12 @@ def _train(
     augmentation(config)
     _precision(config)
     configured_rate(config)
+    if config.optimizer.learning_rate == "auto" and distribute.num_workers(strategy) > 1:
+        raise ValueError(
+            "optimizer.learning_rate='auto' runs the range test on one worker: run "
+            "`python -m launch.lr_find` with the same config once, then set "
+            "--config.optimizer.learning_rate to its suggestion."
+        )
     resolved = config.to_dict()
     resolved["model"]["image_size"] = image_size
     os.makedirs(out, exist_ok=True)
@@ -657,12 +663,6 @@ def _train(
     elif not config.resume and out == workdir:
         _set_aside_old_run(workdir)
     _write_json(os.path.join(out, "config.json"), resolved)
-    if config.optimizer.learning_rate == "auto" and distribute.num_workers(strategy) > 1:
-        raise ValueError(
-            "optimizer.learning_rate='auto' runs the range test on one worker: run "
-            "`python -m launch.lr_find` with the same config once, then set "
-            "--config.optimizer.learning_rate to its suggestion."
-        )
 
     # ------------------------------------------------- strategy, data, model
     run = setup(config, strategy)

@@ -177,3 +177,20 @@ def test_sync_batchnorm_over_two_replicas_matches_one_device(tmp_path, images):
     loss = [json.loads((tmp_path / n / "metrics.json").read_text())["val_loss"]
             for n in ("one", "sync")]
     assert loss[0] == pytest.approx(loss[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_mixed_precision_run_exports_float32_probabilities(tmp_path, images):
+    workdir = tmp_path / "run"
+    result = run_train(workdir, f"--config.data.source=folder:{images}",
+                       "--config.train.precision=mixed_bfloat16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Precision mixed_bfloat16; XLA jit_compile=auto." in result.stderr
+    loaded = tf.saved_model.load(str(workdir / "export"))
+    images_u8 = tf.constant(np.random.default_rng(0).integers(0, 255, (2, 40, 50, 3)), tf.uint8)
+    out = loaded.signatures["serving_uint8"](images=images_u8)
+    assert out["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(tf.reduce_sum(out["probabilities"], -1).numpy(), 1.0, rtol=1e-5)
+    # The trained model reloads in its precision (launch.evaluate, export).
+    model, state = trainer.load_trained(str(workdir))
+    assert _conv(model).compute_dtype == "bfloat16" and state["global_step"] == 6
