@@ -20,7 +20,8 @@ workers write the same files into a temporary folder that is removed when
 they finish (`output_dir`), because saving a checkpoint may need every
 worker's part of a collective. All workers restore from the chief's
 checkpoints, so the workdir must be on storage that every worker can read
-(one host, NFS, GCS).
+(one host, NFS, a shared volume). Checkpoints are renamed into place
+atomically, so it must be a POSIX filesystem, not an object store.
 """
 
 from __future__ import annotations

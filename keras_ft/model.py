@@ -241,6 +241,12 @@ class Classifier(keras.Model):
             for _, _, batches in iterator:
                 data_batch = tf.nest.map_structure(local, next(batches))
                 break
+        if data_batch is not None:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+            if len(x.shape) == 2:  # cached features (keras_ft.features): build
+                # as for the images they came from; only shapes are read.
+                x = tf.TensorSpec((x.shape[0],) + tuple(self.inputs[0].shape[1:]), tf.float32)
+                data_batch = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
         return super()._maybe_symbolic_build(data_batch=data_batch)
 
     def test_step(self, data):

@@ -818,6 +818,8 @@ def _train(
     _write_history(history_path, history)
 
     # ---------------------------------------------------------- evaluate, export
+    if cached_epochs:  # the test step may have been traced for features last
+        model.make_test_function(force=True)
     results = model.evaluate(val_ds, verbose=0, return_dict=True)
     metrics = {
         "val_accuracy": float(results["accuracy"]),

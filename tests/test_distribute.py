@@ -59,3 +59,30 @@ def test_global_batch_must_divide_by_replicas(tmp_path, images):
     )
     assert result.returncode == 2
     assert "global_batch_size=5 must be a positive multiple of the 2 replica(s)" in result.stderr
+
+
+@pytest.mark.slow
+def test_cached_features_on_two_replicas_match_one_device(tmp_path, images):
+    # The first fit() of a cached run sees feature batches; under a strategy
+    # Keras builds the compiled metrics from the first batch, which must be
+    # done as for images (the model's input), not the features.
+    common = [
+        f"--config.data.source=folder:{images}", "--config.model.dropout=0.0",
+        "--config.freeze.batchnorm=reestimate", "--config.data.cache_features=True",
+        "--config.train.epochs=1", "--config.export.enabled=False",
+    ]
+    one = run_train(tmp_path / "one", *common)
+    two = run_train(
+        tmp_path / "two", *common,
+        "--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2",
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    final = {name: _variables(str(tmp_path / name / "checkpoints" / "ckpt-000000003" / "ckpt"))
+             for name in ("one", "two")}
+    for key, value in final["one"].items():
+        np.testing.assert_allclose(final["two"][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    assert len(final["one"]) > 200
+    # Not vacuous: the head trained (its momentum buffers are not zero).
+    assert any(np.abs(v).max() > 0 for k, v in final["one"].items()
+               if k.startswith("optimizer/_variables/"))
