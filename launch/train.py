@@ -57,10 +57,11 @@ def main(argv):
         logging.warning("%s", e)
         return preemption.EXIT_PREEMPTED
     except tf.errors.UnavailableError as e:  # multi-worker: a peer process is gone
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        peer = next((l.strip() for l in str(e).splitlines() if "/job:" in l), "")
         cli.fail(
-            f"lost contact with another worker ({first}); restart every worker with the "
-            "same command: they resume together from the chief's last checkpoint."
+            f"lost contact with another worker{' (' + peer + ')' if peer else ''}; "
+            "restart every worker with the same command: they resume together from "
+            "the chief's last checkpoint."
         )
         return EXIT_PEER_LOST
     except cli.INPUT_ERRORS as e:
