@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,16 @@ def test_a_preempted_worker_stops_all_and_they_resume_together(tmp_path, images,
     assert len(steps[0]) == 1 and steps[0] == steps[1], steps
     assert os.path.isdir(workdir / "checkpoints" / f"ckpt-{int(steps[0][0]):09d}")
     assert list(tmp.iterdir()) == []
+
+    # The global batch makes every step the same on any number of replicas:
+    # a copy of the stopped run goes on alone, on one device.
+    alone = tmp_path / "alone"
+    shutil.copytree(workdir, alone)
+    result = run_train(alone, f"--config.data.source=folder:{images}", *COMMON, every,
+                       "--config.distribute.strategy=default")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed from" in result.stderr and "with 1 replica(s)" in result.stderr
+    _assert_same_run(str(alone), one_device)
 
     result = _launch(workdir, images, tmp, every)
     assert result.returncode == 0, result.stdout[-4000:]
