@@ -183,8 +183,8 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:
-    """E.g. "MultiWorkerMirroredStrategy with 2 replica(s) on 2 worker(s), this
-    one worker 1"."""
+    """E.g. "MultiWorkerMirroredStrategy with 2 replica(s) on 2 worker(s); this
+    is worker 1, not the chief"."""
     name = type(strategy).__name__
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         name = "MultiWorkerMirroredStrategy"  # the class is CollectiveAllReduceStrategy
