@@ -462,11 +462,12 @@ def setup(
     logging.info("Strategy %s.", distribute.describe(strategy))
     precision, jit_compile = _precision(config)
     logging.info("Precision %s; XLA jit_compile=%s.", precision, jit_compile)
-    if configured_rate(config) != config.optimizer.learning_rate:
+    rate = configured_rate(config)
+    if rate != config.optimizer.learning_rate:
         logging.info(
             "Linear LR scaling: %g x %d x %d / %d = %g.", config.optimizer.learning_rate,
             config.train.global_batch_size, config.optimizer.accumulation_steps,
-            config.optimizer.lr_base_batch_size, configured_rate(config),
+            config.optimizer.lr_base_batch_size, rate,
         )
 
     dataset, train_set, val_set, scan_report = load_splits(config.data, config.seed)

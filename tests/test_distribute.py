@@ -1,6 +1,7 @@
 """The custom train step and a stage switch under MirroredStrategy."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,24 @@ def _variables(path):
     }
 
 
+TWO_REPLICAS = ("--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2")
+
+
+def checkpoint_variables(workdir, step):
+    """Every variable of a run's checkpoint taken after global step `step`."""
+    return _variables(os.path.join(str(workdir), "checkpoints", f"ckpt-{step:09d}", "ckpt"))
+
+
+def _one_and_two_replicas(tmp_path, common):
+    """The run of `common` flags on one device (tmp_path/one) and on two
+    replicas (tmp_path/two); both must succeed."""
+    one = run_train(tmp_path / "one", *common)
+    two = run_train(tmp_path / "two", *common, *TWO_REPLICAS)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    return one, two
+
+
 @pytest.mark.slow
 def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
     # configs/tiny.py switches stage at epoch 2 (head only -> top 2 blocks);
@@ -27,26 +46,19 @@ def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
         f"--config.data.source=folder:{images}", "--config.model.dropout=0.0",
         "--config.freeze.batchnorm=reestimate",
     ]
-    one = run_train(tmp_path / "one", *common)
-    two = run_train(
-        tmp_path / "two", *common,
-        "--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2",
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert two.returncode == 0, two.stderr[-3000:]
+    _, two = _one_and_two_replicas(tmp_path, common)
     assert "MirroredStrategy with 2 replica(s)" in two.stderr
     assert "Stage 2/2 at epoch 2" in two.stderr
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["replicas"] == 2
 
     # Same global batch and seed: the same SGD steps, up to float summation
     # order. Tolerance: 1e-5 absolute on every weight and optimizer slot.
-    final = {name: _variables(str(tmp_path / name / "checkpoints" / "ckpt-000000006" / "ckpt"))
-             for name in ("one", "two")}
+    final = {name: checkpoint_variables(tmp_path / name, 6) for name in ("one", "two")}
     assert final["one"].keys() == final["two"].keys() and len(final["one"]) > 200
     for key, value in final["one"].items():
         np.testing.assert_allclose(final["two"][key], value, atol=1e-5, err_msg=key)
     # The comparison is not vacuous: stage 2 moved the top blocks.
-    first = _variables(str(tmp_path / "one" / "checkpoints" / "ckpt-000000003" / "ckpt"))
+    first = checkpoint_variables(tmp_path / "one", 3)
     moved = [k for k in first if not np.array_equal(first[k], final["one"][k])]
     assert len(moved) > 6, moved
 
@@ -54,8 +66,7 @@ def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
 def test_global_batch_must_divide_by_replicas(tmp_path, images):
     result = run_train(
         tmp_path / "run", f"--config.data.source=folder:{images}",
-        "--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2",
-        "--config.train.global_batch_size=5",
+        *TWO_REPLICAS, "--config.train.global_batch_size=5",
     )
     assert result.returncode == 2
     assert "global_batch_size=5 must be a positive multiple of the 2 replica(s)" in result.stderr
@@ -71,15 +82,8 @@ def test_cached_features_on_two_replicas_match_one_device(tmp_path, images):
         "--config.freeze.batchnorm=reestimate", "--config.data.cache_features=True",
         "--config.train.epochs=1", "--config.export.enabled=False",
     ]
-    one = run_train(tmp_path / "one", *common)
-    two = run_train(
-        tmp_path / "two", *common,
-        "--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2",
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert two.returncode == 0, two.stderr[-3000:]
-    final = {name: _variables(str(tmp_path / name / "checkpoints" / "ckpt-000000003" / "ckpt"))
-             for name in ("one", "two")}
+    _one_and_two_replicas(tmp_path, common)
+    final = {name: checkpoint_variables(tmp_path / name, 3) for name in ("one", "two")}
     for key, value in final["one"].items():
         np.testing.assert_allclose(final["two"][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     assert len(final["one"]) > 200

@@ -16,13 +16,12 @@ import pytest
 from conftest import REPO, error_line, run_train
 from keras_ft.preemption import EXIT_PREEMPTED
 from launch import multiworker
-from test_distribute import _variables
+from test_distribute import checkpoint_variables
 
 # configs/tiny.py: 2 epochs x 3 steps, a stage switch at epoch 2. No dropout
 # and re-estimated BatchNorm statistics, so the random backbone gets real
 # gradients and a run is a pure function of its data stream.
 COMMON = ["--config.model.dropout=0.0", "--config.freeze.batchnorm=reestimate"]
-FINAL = os.path.join("checkpoints", "ckpt-000000006", "ckpt")
 # The workers all-reduce gradients across processes; one device sums them in
 # one kernel: the same SGD steps up to float summation order (measured: 1.1e-5
 # on a BatchNorm variance of order 10).
@@ -62,7 +61,7 @@ def _history(workdir):
 
 
 def _assert_same_run(workdir, reference):
-    a, b = _variables(os.path.join(workdir, FINAL)), _variables(os.path.join(reference, FINAL))
+    a, b = checkpoint_variables(workdir, 6), checkpoint_variables(reference, 6)
     assert a.keys() == b.keys() and len(a) > 200
     for key, value in b.items():
         np.testing.assert_allclose(a[key], value, rtol=RTOL, atol=ATOL, err_msg=key)

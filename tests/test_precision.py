@@ -10,7 +10,7 @@ import tensorflow as tf
 from configs import tiny
 from conftest import error_line, run_train
 from keras_ft import freezing, optim, stages, trainer
-from test_distribute import _variables
+from test_distribute import TWO_REPLICAS, checkpoint_variables
 
 CLASSES = ["a", "b", "c"]
 
@@ -153,18 +153,16 @@ def test_sync_batchnorm_over_two_replicas_matches_one_device(tmp_path, images):
         f"--config.data.source=folder:{images}", "--config.model.dropout=0.0",
         "--config.freeze.batchnorm=trainable", "--config.export.enabled=False",
     ]
-    two = ["--config.distribute.strategy=mirrored", "--config.distribute.cpu_devices=2"]
     runs = {
         "one": run_train(tmp_path / "one", *common),
-        "sync": run_train(tmp_path / "sync", *common, *two,
+        "sync": run_train(tmp_path / "sync", *common, *TWO_REPLICAS,
                           "--config.distribute.sync_batchnorm=True"),
-        "local": run_train(tmp_path / "local", *common, *two),
+        "local": run_train(tmp_path / "local", *common, *TWO_REPLICAS),
     }
     for name, result in runs.items():
         assert result.returncode == 0, name + result.stderr[-3000:]
     assert "Synchronized BatchNorm: 52 layers" in runs["sync"].stderr
-    final = {name: _variables(str(tmp_path / name / "checkpoints" / "ckpt-000000006" / "ckpt"))
-             for name in runs}
+    final = {name: checkpoint_variables(tmp_path / name, 6) for name in runs}
 
     def worst(name):
         return max(np.abs(final[name][k] - v).max() for k, v in final["one"].items())
