@@ -18,13 +18,14 @@ import ml_collections
 def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
+    config.task = "image_classification"  # what is trained: keras_ft.tasks.names()
     config.seed = 0  # seeds the split, shuffling, augmentation and head init
     config.resume = True  # rerunning on a workdir resumes at the exact step of
     #   its newest checkpoint; False starts over (old checkpoints are moved
     #   aside, never deleted)
     config.deterministic = False  # True: TensorFlow op determinism, so a rerun
     #   (or a resumed run) gives bitwise the same weights; the data order is
-    #   always seeded. Costs speed on some ops (README, benchmarks/determinism.py)
+    #   always seeded. Costs speed on some ops (benchmarks/checkpointing.py measures it)
 
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "mobilenet_v2"  # registry name: keras_ft.backbones.names()
@@ -46,26 +47,27 @@ def get_config(arg=None):
     #                  the largest + 1), not a mix
     #   "tfds:NAME"    a prepared TensorFlow Datasets dataset, NAME as tfds.load
     #                  takes it ("tf_flowers", "imagenette/160px"); classes from
-    #                  its ClassLabel; read into memory (encoded); data.tfds_*
+    #                  its ClassLabel; read into memory (encoded); data.tfds.*
     #   "sample:NAME"  a small real set built from packaged files (lfw_faces)
     config.data.source = "sample:lfw_faces"
     config.data.val_fraction = 0.2  # share of each class held out, split by
     #   seed; unused when the source has its own split (train/ + val/ folders,
-    #   data.tfds_val_split)
+    #   data.tfds.val_split)
     config.data.num_classes = 0  # the classes the data must have (a clear error
     #   otherwise); for a CSV with integer labels, the label range; 0 = from the data
-    config.data.tfds_split = "train"  # TFDS split (spec) to train on: "train",
+    config.data.tfds = ml_collections.ConfigDict()  # for "tfds:NAME" sources
+    config.data.tfds.split = "train"  # TFDS split (spec) to train on: "train",
     #   "train[:90%]", "train+validation"
-    config.data.tfds_val_split = ""  # TFDS split to validate on ("validation",
-    #   "test"); "" = a seeded share (val_fraction) of tfds_split
-    config.data.tfds_data_dir = ""  # where prepared TFDS datasets are; "" =
+    config.data.tfds.val_split = ""  # TFDS split to validate on ("validation",
+    #   "test"); "" = a seeded share (data.val_fraction) of data.tfds.split
+    config.data.tfds.data_dir = ""  # where prepared TFDS datasets are; "" =
     #   $TFDS_DATA_DIR or ~/tensorflow_datasets
-    config.data.tfds_download = False  # download and prepare a missing dataset.
+    config.data.tfds.download = False  # download and prepare a missing dataset.
     #   False: a missing one fails at once, saying what to prepare where (an
     #   offline download would retry for minutes; and one machine should
     #   prepare it, not every worker of a multi-host run)
-    config.data.tfds_image_key = "image"  # the dataset's Image feature
-    config.data.tfds_label_key = "label"  # its ClassLabel feature (e.g. cifar100:
+    config.data.tfds.image_key = "image"  # the dataset's Image feature
+    config.data.tfds.label_key = "label"  # its ClassLabel feature (e.g. cifar100:
     #   "coarse_label")
     config.data.bad_files = "skip"  # unreadable/truncated/non-image/oversized files:
     #   "skip" (listed in the log and workdir/data_scan.json) or "fail" (stop)
@@ -132,17 +134,6 @@ def get_config(arg=None):
     config.optimizer.momentum = 0.9  # v <- momentum * v + g
     config.optimizer.nesterov = False
     config.optimizer.weight_decay = 0.0  # decoupled; skips biases and BatchNorm
-    config.optimizer.schedule = "cosine"  # keras_ft.schedules: "constant",
-    #   "cosine" (to 0 at the end), "warmup_cosine" (linear warmup, then cosine),
-    #   "step" (warmup, then x decay_factor at decay_boundaries: BiT), "stlr"
-    #   (ULMFiT's slanted triangular: short rise, long linear decay)
-    config.optimizer.warmup_steps = 0  # linear warmup from 0 over this many steps
-    #   ("constant", "step"; "warmup_cosine" needs > 0; "cosine"/"stlr": keep 0)
-    config.optimizer.decay_boundaries = (0.3, 0.6, 0.9)  # "step": fractions of the
-    #   run at which the rate is multiplied by decay_factor (BiT-HyperRule)
-    config.optimizer.decay_factor = 0.1  # "step": the multiplier at each boundary
-    config.optimizer.stlr_cut_frac = 0.1  # "stlr": share of the run spent rising
-    config.optimizer.stlr_ratio = 32.0  # "stlr": peak rate / lowest rate (ULMFiT)
     config.optimizer.lr_find = ml_collections.ConfigDict()  # the LR range test
     #   (launch.lr_find and learning_rate="auto")
     config.optimizer.lr_find.start_lr = 1e-5  # first step's learning rate
@@ -158,6 +149,21 @@ def get_config(arg=None):
     config.optimizer.clip_norm = 0.0  # clip gradients to this global norm; 0 = off
     config.optimizer.l2sp = 0.0  # L2-SP alpha: adds alpha/2 * ||θ - θ0||^2 over
     #   the trained backbone weights, θ0 = the pretrained ones (Li et al., 2018)
+
+    # The learning-rate schedule over the run's optimizer updates (keras_ft.schedules);
+    # its peak is optimizer.learning_rate.
+    config.schedule = ml_collections.ConfigDict()
+    config.schedule.name = "cosine"  # "constant", "cosine" (to 0 at the end),
+    #   "warmup_cosine" (linear warmup, then cosine), "step" (warmup, then x
+    #   decay_factor at decay_boundaries: BiT), "stlr" (ULMFiT's slanted
+    #   triangular: short rise, long linear decay)
+    config.schedule.warmup_steps = 0  # linear warmup from 0 over this many updates
+    #   ("constant", "step"; "warmup_cosine" needs > 0; "cosine"/"stlr": keep 0)
+    config.schedule.decay_boundaries = (0.3, 0.6, 0.9)  # "step": fractions of the
+    #   run at which the rate is multiplied by decay_factor (BiT-HyperRule)
+    config.schedule.decay_factor = 0.1  # "step": the multiplier at each boundary
+    config.schedule.stlr_cut_frac = 0.1  # "stlr": share of the run spent rising
+    config.schedule.stlr_ratio = 32.0  # "stlr": peak rate / lowest rate (ULMFiT)
 
     config.freeze = ml_collections.ConfigDict()
     # The stage schedule, in order: each stage trains the head and the top

@@ -1,7 +1,8 @@
 """keras_ft: fine-tune pretrained Keras backbones with a sound recipe."""
 
 from keras_ft import augment, backbones, callbacks, checkpoint, data, export, freezing
-from keras_ft import lr_finder, optim, recipe, report, schedules, sources, stages, validate
+from keras_ft import lr_finder, optim, recipe, report, schedules, sources, spec, stages
+from keras_ft import tasks, validate, workdir
 from keras_ft.model import Classifier, build_classifier
 from keras_ft.optim import SGD
 

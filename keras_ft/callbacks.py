@@ -135,3 +135,23 @@ class ProgressLog(ResumableStep, keras.callbacks.Callback):
         self.end_resumed_epoch()
         logging.info("epoch %d/%d done in %.1fs: %s", epoch + 1, self.epochs,
                      time.perf_counter() - self._start, self._format(logs))
+
+
+class WriteHistory(keras.callbacks.Callback):
+    """Rewrites a run's history.csv (atomically) at each epoch end.
+
+    Args:
+        path: the CSV file.
+        history: the list of per-epoch log dicts that another callback
+            appends to (keras_ft.checkpoint.TrainingCheckpoint keeps it, so a
+            resumed run's history goes on from its checkpoint's).
+    """
+
+    def __init__(self, path: str, history: list[dict]):
+        super().__init__()
+        self.path, self.history = path, history
+
+    def on_epoch_end(self, epoch, logs=None):
+        from keras_ft import workdir
+
+        workdir.write_history(self.path, self.history)

@@ -15,9 +15,11 @@ SavedModel export uses too) and, for training, augmented (`keras_ft.augment`).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from keras_ft import augment as augment_lib
 
@@ -251,6 +253,43 @@ def size_all(data: ImageSet, image_size: int, resize: str = "resize") -> np.ndar
     ds = make_dataset(data, image_size, 256, training=False, resize=resize)
     parts = [x for x, _ in ds.as_numpy_iterator()]
     return np.concatenate(parts) if parts else np.zeros((0, image_size, image_size, 3), np.float32)
+
+
+class SizedCache:
+    """Images decoded and sized once (`size_all`) and kept in memory, when
+    they fit in a budget; what `make_dataset(..., sized=...)` takes.
+
+    Args:
+        image_size: the model's input side.
+        resize: the resize policy (`RESIZE_POLICIES`).
+        budget_mb: the most memory all kept images may take (0 = none kept).
+    """
+
+    def __init__(self, image_size: int, resize: str, budget_mb: float):
+        self.image_size, self.resize, self.budget_mb = image_size, resize, budget_mb
+        self._arrays: dict[str, np.ndarray | None] = {}
+
+    def get(self, name: str, images: ImageSet) -> np.ndarray | None:
+        """`images` sized, kept under `name` ("train", "val"); None when they
+        do not fit the budget with what is kept already."""
+        if name not in self._arrays:
+            need = len(images) * self.image_size**2 * 3 * 4
+            used = sum(a.nbytes for a in self._arrays.values() if a is not None)
+            if used + need > self.budget_mb * 2**20:
+                if self.budget_mb:
+                    logging.info(
+                        "Not caching %d decoded %s images: %.0f MB > data.cache_images_mb=%g.",
+                        len(images), name, (used + need) / 2**20, self.budget_mb,
+                    )
+                self._arrays[name] = None
+            else:
+                start = time.perf_counter()
+                self._arrays[name] = size_all(images, self.image_size, self.resize)
+                logging.info(
+                    "Decoded and sized %d %s images once, kept in memory (%.1f MB, %.1fs).",
+                    len(images), name, need / 2**20, time.perf_counter() - start,
+                )
+        return self._arrays[name]
 
 
 def training_order(n: int, batch_size: int, seed: int, skip_batches: int = 0) -> tf.data.Dataset:

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ft import data
+from keras_ft import data, workdir
 
 
 def export_saved_model(
@@ -143,25 +143,11 @@ def export_tflite(
         )
         flatbuffer = converter.convert()
         labels = "".join(f"{name}\n" for name in class_names)
-        _write_atomic(os.path.join(parent, LABELS_FILE), labels.encode())
-        _write_atomic(path, flatbuffer)
+        workdir.write_atomic(os.path.join(parent, LABELS_FILE), labels.encode())
+        workdir.write_atomic(path, flatbuffer)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
-
-
-def _write_atomic(path: str, content: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def run_tflite(path: str, images: np.ndarray) -> np.ndarray:

@@ -21,13 +21,13 @@ them and renders `--config.*` flags for `launch.train`. The learning rate
 is left to `optimizer.learning_rate="auto"` (the range test) or to
 `learning_rate`.
 
-Not wired into the trainer: the budget depends on the data (its size and
+Not applied by the trainer: the budget depends on the data (its size and
 image size are known only after loading), while the trainer writes and
 checks the resolved config before loading it. Print the flags instead:
 
     r = keras_ft.recipe.Recipe.for_data(num_examples=160, image_size=(25, 25),
                                        batch_size=16, default_size=224)
-    print(r.flags())   # --config.train.epochs=30 --config.optimizer.schedule=step ...
+    print(r.flags())   # --config.train.epochs=30 --config.schedule.name=step ...
 """
 
 from __future__ import annotations
@@ -113,11 +113,20 @@ def resolution(height: int, width: int, default_size: int = 224) -> int:
     return 128 if height * width < SMALL_IMAGE_AREA else default_size
 
 
+def linear_scaled_rate(rate: float, batch_size: int, base_batch_size: int) -> float:
+    """The linear scaling rule (Goyal et al., 2017): a rate tuned for
+    `base_batch_size` examples per update, moved to `batch_size` (global
+    batch x accumulation steps). `optimizer.lr_scaling="linear"`."""
+    if batch_size < 1 or base_batch_size < 1:
+        raise ValueError(f"Batch sizes must be >= 1, got {batch_size}, {base_batch_size}.")
+    return rate * batch_size / base_batch_size
+
+
 def learning_rate(batch_size: int) -> float:
     """BiT's base rate 0.003 at batch 512, scaled linearly to `batch_size`
     (Goyal et al., 2017). A starting point for fine-tuning every block;
     `optimizer.learning_rate="auto"` measures one instead."""
-    return 0.003 * batch_size / BIT_BATCH
+    return linear_scaled_rate(0.003, batch_size, BIT_BATCH)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +166,9 @@ class Recipe:
         on: its default, 0, is off)."""
         overrides = {
             "train.epochs": self.epochs,
-            "optimizer.schedule": "step",
-            "optimizer.warmup_steps": self.warmup_steps,
-            "optimizer.decay_boundaries": self.decay_boundaries,
+            "schedule.name": "step",
+            "schedule.warmup_steps": self.warmup_steps,
+            "schedule.decay_boundaries": self.decay_boundaries,
             "model.image_size": self.image_size,
         }
         if self.mixup_alpha:

@@ -31,7 +31,7 @@ from typing import Sequence
 import keras
 from keras import ops
 
-# The choices of `optimizer.schedule` (built by keras_ft.trainer).
+# The choices of `schedule.name` (built by `create`).
 NAMES = ("constant", "cosine", "warmup_cosine", "step", "stlr")
 
 
@@ -40,7 +40,7 @@ def _check_steps(total_steps: int, warmup_steps: int) -> None:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(
-            f"optimizer.warmup_steps must be in [0, {total_steps}] (the run's "
+            f"schedule.warmup_steps must be in [0, {total_steps}] (the run's "
             f"total steps), got {warmup_steps}."
         )
 
@@ -172,11 +172,11 @@ class StepDecay(_Schedule):
         boundaries = [float(b) for b in boundaries]
         if any(not 0.0 < b <= 1.0 for b in boundaries) or boundaries != sorted(boundaries):
             raise ValueError(
-                "optimizer.decay_boundaries must be increasing fractions in (0, 1], "
+                "schedule.decay_boundaries must be increasing fractions in (0, 1], "
                 f"got {boundaries}."
             )
         if not 0.0 < factor <= 1.0:
-            raise ValueError(f"optimizer.decay_factor must be in (0, 1], got {factor}.")
+            raise ValueError(f"schedule.decay_factor must be in (0, 1], got {factor}.")
         self.learning_rate = float(learning_rate)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
@@ -226,9 +226,9 @@ class SlantedTriangular(_Schedule):
     ):
         _check_steps(total_steps, 0)
         if not 0.0 < cut_frac < 1.0:
-            raise ValueError(f"optimizer.stlr_cut_frac must be in (0, 1), got {cut_frac}.")
+            raise ValueError(f"schedule.stlr_cut_frac must be in (0, 1), got {cut_frac}.")
         if ratio < 1.0:
-            raise ValueError(f"optimizer.stlr_ratio must be >= 1, got {ratio}.")
+            raise ValueError(f"schedule.stlr_ratio must be >= 1, got {ratio}.")
         self.learning_rate = float(learning_rate)
         self.total_steps = int(total_steps)
         self.cut_frac = float(cut_frac)
@@ -248,3 +248,55 @@ class SlantedTriangular(_Schedule):
             "cut_frac": self.cut_frac,
             "ratio": self.ratio,
         }
+
+
+def create(
+    name: str,
+    peak,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    decay_boundaries: Sequence[float] = (0.3, 0.6, 0.9),
+    decay_factor: float = 0.1,
+    stlr_cut_frac: float = 0.1,
+    stlr_ratio: float = 32.0,
+    as_schedule: bool = False,
+):
+    """The learning rate of the `schedule` config: a float or a schedule.
+
+    Args:
+        name: one of `NAMES` (`schedule.name`).
+        peak: the peak rate, or "auto": a placeholder 1.0 until the range
+            test's suggestion is known (then always a schedule object, so
+            the optimizer's variables and checkpoints are the same before
+            and after the suggestion is set).
+        total_steps: the run's optimizer updates.
+        warmup_steps, ...: the other `schedule.*` keys.
+        as_schedule: a constant rate as a `Constant` object, not a float.
+
+    A constant rate without warmup stays a float (Keras keeps it as an
+    optimizer variable, which a resumed run may change); everything else is
+    one of this module's schedules.
+    """
+    if name not in NAMES:
+        raise ValueError(f"Unknown schedule.name {name!r}. Choose one of: {', '.join(NAMES)}.")
+    if peak == "auto":
+        peak, as_schedule = 1.0, True
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < math.inf:
+        raise ValueError(f"The learning rate must be a positive number, got {peak!r}.")
+    if warmup_steps and name in ("cosine", "stlr"):
+        raise ValueError(
+            f"schedule.warmup_steps={warmup_steps} does not apply to schedule {name!r}: "
+            "use 'warmup_cosine', 'constant' or 'step', or warmup_steps=0."
+        )
+    if name == "warmup_cosine" and not warmup_steps:
+        raise ValueError("schedule.name='warmup_cosine' needs schedule.warmup_steps > 0.")
+    peak = float(peak)
+    if name == "constant":
+        _check_steps(total_steps, warmup_steps)
+        return Constant(peak, warmup_steps) if warmup_steps or as_schedule else peak
+    if name in ("cosine", "warmup_cosine"):
+        return WarmupCosine(peak, total_steps, warmup_steps)
+    if name == "step":
+        return StepDecay(peak, total_steps, warmup_steps, decay_boundaries, decay_factor)
+    return SlantedTriangular(peak, total_steps, stlr_cut_frac, stlr_ratio)

@@ -57,7 +57,7 @@ def load_source(
         source: `KIND:ARGUMENT`, KIND one of `KINDS` (this module's docstring).
         num_classes: the classes the data must have; 0 = whatever it has. For
             a CSV with integer labels it is the label range.
-        tfds_split, ...: the `data.tfds_*` config keys, for `tfds:` sources
+        tfds_split, ...: the `data.tfds.*` config keys, for `tfds:` sources
             (see `from_tfds`).
     """
     kind, sep, arg = source.partition(":")
@@ -365,9 +365,9 @@ def from_tfds(
     """
     if val_split == split:
         raise ValueError(
-            f"TFDS dataset {name!r}: data.tfds_val_split is data.tfds_split "
+            f"TFDS dataset {name!r}: data.tfds.val_split is data.tfds.split "
             f"({split!r}); validate on another split (e.g. validation, test) or "
-            "on a seeded share of this one (data.tfds_val_split='')."
+            "on a seeded share of this one (data.tfds.val_split='')."
         )
     import tensorflow_datasets as tfds  # slow to import: only for tfds: sources
 
@@ -381,8 +381,8 @@ def from_tfds(
     except (ValueError, AssertionError) as e:  # an unknown config or version
         raise ValueError(f"TFDS dataset {name!r}: {_one_line(e)}") from None
     features = builder.info.features
-    _check_feature(name, features, image_key, tfds.features.Image, "data.tfds_image_key")
-    _check_feature(name, features, label_key, tfds.features.ClassLabel, "data.tfds_label_key")
+    _check_feature(name, features, image_key, tfds.features.Image, "data.tfds.image_key")
+    _check_feature(name, features, label_key, tfds.features.ClassLabel, "data.tfds.label_key")
     if features[image_key].np_dtype not in (np.uint8, np.uint16):
         raise ValueError(
             f"TFDS dataset {name!r}: feature {image_key!r} holds "
@@ -390,10 +390,10 @@ def from_tfds(
         )
     _prepare(builder, name, download)
 
-    images, labels, names = _read_split(builder, name, split, "data.tfds_split", image_key, label_key)
+    images, labels, names = _read_split(builder, name, split, "data.tfds.split", image_key, label_key)
     num_train = len(images)
     if val_split:
-        more = _read_split(builder, name, val_split, "data.tfds_val_split", image_key, label_key)
+        more = _read_split(builder, name, val_split, "data.tfds.val_split", image_key, label_key)
         images, labels, names = images + more[0], labels + more[1], names + more[2]
     encoded = np.empty(len(images), object)  # an object array: no padding to the longest
     encoded[:] = images
@@ -457,9 +457,9 @@ def _prepare(builder, name: str, download: bool) -> None:
     if not download:
         raise ValueError(
             f"TFDS dataset {name!r} is not prepared in {root} (no "
-            f"{builder.data_dir}) and data.tfds_download is False: {prepare}, or "
-            "set --config.data.tfds_data_dir to the folder that has it, or "
-            "--config.data.tfds_download=True to download it here."
+            f"{builder.data_dir}) and data.tfds.download is False: {prepare}, or "
+            "set --config.data.tfds.data_dir to the folder that has it, or "
+            "--config.data.tfds.download=True to download it here."
         )
     manual_dir = os.path.join(root, "downloads", "manual")
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (

@@ -53,17 +53,18 @@ def loaded_config(config_flag):
 
 
 def load_workdir(workdir: str):
-    """`(model, state)` of a trained workdir's newest checkpoint, or None
-    after a one-line error (no such folder, not a workdir, no checkpoint)."""
+    """`(model, state, spec)` of a trained workdir's newest checkpoint
+    (`keras_ft.job.load_trained`), or None after a one-line error (no such
+    folder, not a workdir, no checkpoint)."""
     import os
 
     if not os.path.isdir(workdir):
         fail(f"workdir {workdir} does not exist.")
         return None
-    from keras_ft import trainer  # after the checks: TensorFlow is slow to import
+    from keras_ft import job  # after the checks: TensorFlow is slow to import
 
     try:
-        return trainer.load_trained(workdir)
+        return job.load_trained(workdir)
     except INPUT_ERRORS as e:
         fail(e)
         return None

@@ -34,39 +34,37 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of a keras_ft trainin
 flags.mark_flags_as_required(["workdir"])
 
 
-def recipe(config: dict, metrics: dict, own_split: bool = False) -> dict:
+def recipe(spec, metrics: dict, own_split: bool = False) -> dict:
     """The settings a reader needs to reproduce the run, as display strings.
 
-    `config` is the run's config over today's defaults (`trainer.load_config`).
-    `own_split`: the validation images are the source's own (train/ and val/
-    folders, a TFDS split), not a seeded share.
+    `spec` is the run's `keras_ft.spec.RunSpec` (its saved config over
+    today's defaults). `own_split`: the validation images are the source's
+    own (train/ and val/ folders, a TFDS split), not a seeded share.
     """
-    from keras_ft import augment, stages as stages_lib
-
-    model, opt, freeze = config["model"], config["optimizer"], config["freeze"]
+    m, o, f, d = spec.model, spec.optimizer, spec.freeze, spec.data
     stage_text = "; ".join(
         (f"{s.epochs} epoch(s)" if s.epochs else f"{s.steps} step(s)") + f": {s.describe()}"
-        for s in stages_lib.parse(freeze["stages"])
+        for s in f.stages
     )
-    momentum = f"momentum {opt['momentum']}" + (" (Nesterov)" if opt["nesterov"] else "")
+    momentum = f"momentum {o.momentum}" + (" (Nesterov)" if o.nesterov else "")
     return {
-        "backbone": model["backbone"],
-        "weights": model["weights"],
-        "image size": f"{model['image_size']} px ({config['data']['resize']})",
-        "augmentation": augment.Augment.from_config(config["data"]["augment"]).describe(),
+        "backbone": m.backbone,
+        "weights": m.weights or "none",
+        "image size": f"{m.image_size} px ({d.resize})",
+        "augmentation": d.augment.describe(),
         "stages": stage_text,
-        "BatchNorm": freeze["batchnorm"],
-        "trained parameters": freeze["method"],
-        "learning rate": f"{opt['learning_rate']} ({opt['schedule']} schedule)",
-        "optimizer": f"SGD, {momentum}, weight decay {opt['weight_decay']}"
-        + (f", L2-SP {opt['l2sp']}" if opt.get("l2sp") else ""),
-        "batch size (global)": config["train"]["global_batch_size"],
-        "epochs": config["train"]["epochs"],
-        "data source": config["data"]["source"],
+        "BatchNorm": f.batchnorm,
+        "trained parameters": f.method,
+        "learning rate": f"{o.learning_rate} ({spec.schedule.name} schedule)",
+        "optimizer": f"SGD, {momentum}, weight decay {o.weight_decay}"
+        + (f", L2-SP {o.l2sp}" if o.l2sp else ""),
+        "batch size (global)": spec.train.global_batch_size,
+        "epochs": spec.train.epochs,
+        "data source": d.source,
         "train / validation images": f"{metrics.get('train_images', '?')} / "
         f"{metrics.get('val_images', '?')} ("
         + ("the source's own split" if own_split
-           else f"val_fraction {config['data']['val_fraction']}, seed {config['seed']}")
+           else f"val_fraction {d.val_fraction}, seed {spec.seed}")
         + ")",
         "trainer's val_accuracy (metrics.json)": metrics.get("val_accuracy", "?"),
     }
@@ -79,15 +77,15 @@ def main(argv):
     loaded = cli.load_workdir(workdir)
     if loaded is None:
         return cli.EXIT_BAD_INPUT
-    model, state = loaded
+    model, state, spec = loaded
     import numpy as np
     import tensorflow as tf
 
-    from keras_ft import data, report, trainer
+    from keras_ft import data, report, workdir as workdir_lib
+    from keras_ft.tasks import image_classification
 
     try:
-        config = trainer.load_config(workdir).to_dict()
-        images, _, val, _ = trainer.load_splits(config["data"], config["seed"])
+        images, _, val, _ = image_classification.load_splits(spec.data, spec.seed)
     except cli.INPUT_ERRORS as e:
         return cli.fail(e)
     if images.class_names != state["class_names"]:
@@ -101,9 +99,9 @@ def main(argv):
         with open(metrics_path) as f:
             metrics = json.load(f)
 
-    batch = config["train"]["global_batch_size"]
     val_ds = data.make_dataset(
-        val, model.image_size, batch, training=False, resize=config["data"]["resize"]
+        val, model.image_size, spec.train.global_batch_size, training=False,
+        resize=spec.data.resize,
     )
     probabilities = np.concatenate(
         [tf.nn.softmax(model(x, training=False), axis=-1).numpy() for x, _ in val_ds]
@@ -111,9 +109,10 @@ def main(argv):
     result = {
         "workdir": os.path.abspath(workdir),
         "split": "validation",
-        "checkpoint": f"checkpoints/ckpt-{state['epoch']:06d} (epoch {state['epoch']})",
+        "checkpoint": f"{os.path.relpath(state['path'], workdir)} ({state['epoch']} "
+        f"epoch(s) and {state['step']} step(s) done)",
         **report.evaluate(val.labels, probabilities, state["class_names"]),
-        "recipe": recipe(config, metrics, own_split=images.val_mask is not None),
+        "recipe": recipe(spec, metrics, own_split=images.val_mask is not None),
         "figures": {},
         "notes": [],
     }
@@ -152,14 +151,8 @@ def main(argv):
             f"{1 / len(val):.3f}, and most calibration bins are empty."
         )
 
-    for name, text in (
-        ("report.json", json.dumps(result, indent=2) + "\n"),
-        ("report.md", report.render_markdown(result)),
-    ):
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+    workdir_lib.write_atomic(os.path.join(out_dir, "report.json"), json.dumps(result, indent=2) + "\n")
+    workdir_lib.write_atomic(os.path.join(out_dir, "report.md"), report.render_markdown(result))
     print(
         f"Validation ({len(val)} images): accuracy {result['accuracy']:.4f}, "
         f"ECE {result['calibration']['ece']:.4g}. Report: {os.path.join(out_dir, 'report.md')}"

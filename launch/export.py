@@ -30,7 +30,7 @@ _TFLITE = flags.DEFINE_bool("tflite", False, "Also write export/model.tflite and
 flags.mark_flags_as_required(["workdir"])
 
 
-def parity_images(config, image_size: int):
+def parity_images(spec, image_size: int):
     """Images for the TFLite parity check: `(served, tflite, kind)`.
 
     `served`: up to PARITY_IMAGES uint8 squares of side
@@ -43,12 +43,13 @@ def parity_images(config, image_size: int):
     import numpy as np
     import tensorflow as tf
 
-    from keras_ft import data, trainer
+    from keras_ft import data
+    from keras_ft.tasks import image_classification
 
-    policy = config.data.resize
+    policy = spec.data.resize
     side = data.resize_side(image_size, policy)
     try:
-        _, _, val, _ = trainer.load_splits(config.data, config.seed)
+        _, _, val, _ = image_classification.load_splits(spec.data, spec.seed)
         batch = next(iter(data.make_dataset(val, side, PARITY_IMAGES, training=False)))[0]
         served, kind = tf.cast(tf.round(batch), tf.uint8).numpy(), "validation images"
     except (ValueError, OSError, tf.errors.OpError) as e:
@@ -66,23 +67,19 @@ def main(argv):
     loaded = cli.load_workdir(workdir)
     if loaded is None:
         return cli.EXIT_BAD_INPUT
-    model, state = loaded
-    from keras_ft import export, trainer
+    model, state, spec = loaded
+    from keras_ft import export, tasks
 
-    config = trainer.load_config(workdir)
     class_names = state["class_names"]
-    path = export.export_saved_model(
-        model, os.path.join(workdir, "export"), class_names, model.image_size,
-        resize=config.data.resize,
-    )
-    print(f"SavedModel of epoch {state['epoch']}: {path}")
+    path = tasks.get(spec.task).export(model, os.path.join(workdir, "export"), class_names, spec)
+    print(f"SavedModel of {state['path']} (epoch {state['epoch']}, step {state['step']}): {path}")
     if not _TFLITE.value:
         return 0
 
     tflite_path = export.export_tflite(
         model, os.path.join(path, export.TFLITE_FILE), class_names, model.image_size
     )
-    served, images, kind = parity_images(config, model.image_size)
+    served, images, kind = parity_images(spec, model.image_size)
     difference = export.tflite_parity(tflite_path, path, images, served_images=served)
     tolerance = export.TFLITE_TOLERANCE
     line = (

@@ -32,26 +32,22 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str) -> dict:
     """The range test of `config`'s first stage; returns the saved summary."""
-    from keras_ft import freezing, lr_finder, trainer
+    from keras_ft import job as job_lib, lr_finder, spec as spec_lib
 
-    run = trainer.setup(config)
-    trainer.reestimate_if_configured(config, run)
-    stages, batch = run.stages, run.batch
-    freezing.apply_stage(
-        run.model, stages[0], config.freeze.method, config.freeze.batchnorm, run.block_lr
-    )
-    train_ds = run.train_dataset()  # augmented as launch.train's
-    model = run.model
-
-    finder = config.optimizer.lr_find
+    spec = spec_lib.resolve(config)
+    job = job_lib.assemble(spec)
+    job_lib.reestimate_if_configured(job)
+    job_lib.enter_first_stage(job)
+    finder = spec.optimizer.lr_find
     test = lr_finder.find_learning_rate(
-        model, train_ds, finder.start_lr, finder.end_lr, finder.steps
+        job.model, job.data.train_stream(),  # augmented as launch.train's
+        finder.start_lr, finder.end_lr, finder.steps,
     )
     directory = os.path.join(workdir, "lr_find")
-    title = f"{config.model.backbone}, stage 1: {stages[0].describe()}"
+    title = f"{spec.model.backbone}, stage 1: {spec.freeze.stages[0].describe()}"
     paths = lr_finder.save(
         test, directory, title,
-        extra={"stage": 1, "global_batch_size": batch, "data": config.data.source},
+        extra={"stage": 1, "global_batch_size": job.batch, "data": spec.data.source},
     )
     summary = test.summary()
     print(

@@ -193,7 +193,7 @@ def test_launch_train_evaluate_and_export_use_the_runs_policy_and_augmentation(t
     import sys
 
     from conftest import REPO, run_train
-    from keras_ft import trainer
+    from keras_ft import job
 
     workdir = tmp_path / "run"
     result = run_train(
@@ -216,7 +216,7 @@ def test_launch_train_evaluate_and_export_use_the_runs_policy_and_augmentation(t
     assert np.isfinite(metrics["val_loss"]) and metrics["steps"] == 6
 
     # The export sizes images as training did.
-    model, _ = trainer.load_trained(str(workdir))
+    model, _, _ = job.load_trained(str(workdir))
     served = tf.saved_model.load(str(workdir / "export"))
     batch = np.random.default_rng(0).integers(0, 256, (2, 40, 70, 3)).astype(np.uint8)
     out = served.signatures["serving_uint8"](images=tf.constant(batch))["probabilities"].numpy()

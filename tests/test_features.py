@@ -1,13 +1,13 @@
 """Feature caching: the cached stream is the image stream through the backbone."""
 
 import keras
-import ml_collections
 import numpy as np
 import pytest
 
 import keras_ft
 from conftest import write_image_folder
-from keras_ft import augment, data, features, freezing, sources, stages, trainer
+from configs import tiny
+from keras_ft import augment, data, features, freezing, sources, spec
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +55,23 @@ def test_unbounded_augmentation_cannot_be_cached():
     features.check_cacheable(augment.Augment(flip=False))
 
 
-def _config(**stage):
-    config = ml_collections.ConfigDict(
-        {"data": {"cache_features": True}, "train": {"epochs": 5}, "freeze": {"method": "full"}}
-    )
-    return config, [stages.Stage(**stage), stages.Stage(epochs=1, blocks=2)]
+def _cached_epochs(first_stage, *later, cache=True, method="full"):
+    config = tiny.get_config()
+    config.data.cache_features = cache
+    config.train.epochs = 5
+    config.freeze.method = method
+    config.freeze.stages = (first_stage,) + later
+    return spec.resolve(config).cached_epochs
 
 
 def test_cached_epochs_are_the_head_only_first_stage():
-    config, schedule = _config(epochs=2, blocks=0)
-    assert trainer._cached_epochs(config, schedule, augment.Augment()) == 2
-    assert trainer._cached_epochs(config, schedule[:1], augment.Augment()) == 5
-    config.data.cache_features = False
-    assert trainer._cached_epochs(config, schedule, augment.Augment()) == 0
-    config, schedule = _config(epochs=2, blocks=1)
+    later = dict(epochs=1, blocks=2)
+    assert _cached_epochs(dict(epochs=2, blocks=0), later) == 2
+    assert _cached_epochs(dict(epochs=2, blocks=0)) == 5  # one stage: the whole run
+    assert _cached_epochs(dict(epochs=2, blocks=0), later, cache=False) == 0
     with pytest.raises(ValueError, match="first stage that trains the head only"):
-        trainer._cached_epochs(config, schedule, augment.Augment())
-    config, schedule = _config(steps=10, blocks=0)
+        _cached_epochs(dict(epochs=2, blocks=1), later)
     with pytest.raises(ValueError, match="measured in steps"):
-        trainer._cached_epochs(config, schedule, augment.Augment())
+        _cached_epochs(dict(steps=10, blocks=0), later)
+    with pytest.raises(ValueError, match="method lora"):
+        _cached_epochs(dict(epochs=2, blocks=0), later, method="lora")

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from configs import tiny
 from conftest import error_line, run_train
-from keras_ft import freezing, optim, stages, trainer
+from keras_ft import freezing, job, optim, spec, stages, tasks
 from test_distribute import TWO_REPLICAS, checkpoint_variables
 
 CLASSES = ["a", "b", "c"]
@@ -22,7 +22,8 @@ def _model(**overrides):
         config[section][name] = value
     keras.utils.set_random_seed(0)
     parsed = stages.parse(config.freeze.stages)
-    model = trainer.build_model(config, CLASSES, 32, parsed, total_steps=10)
+    run_spec = spec.resolve(config)
+    model = job.build_model(run_spec, tasks.get(run_spec.task), CLASSES, total_updates=10)
     # Statistics of real activations: the random backbone's features (and so
     # the head's gradients) are otherwise vanishingly small.
     freezing.reestimate_batchnorm(model, tf.data.Dataset.from_tensors(_batch()))
@@ -122,16 +123,17 @@ def test_xla_step_matches_the_plain_graph():
 def test_linear_lr_scaling():
     config = tiny.get_config()  # global batch 4
     config.optimizer.learning_rate = 0.1
-    assert trainer.configured_rate(config) == 0.1  # lr_scaling "none"
+    assert spec.resolve(config).optimizer.rate == 0.1  # lr_scaling "none"
     config.optimizer.lr_scaling = "linear"
     config.optimizer.accumulation_steps = 2
     config.optimizer.lr_base_batch_size = 256
-    assert trainer.configured_rate(config) == pytest.approx(0.1 * 8 / 256)
+    assert spec.resolve(config).optimizer.rate == pytest.approx(0.1 * 8 / 256)
+    config.optimizer.accumulation_steps = 1
     config.optimizer.learning_rate = "auto"  # the range test measures the rate itself
-    assert trainer.configured_rate(config) == "auto"
+    assert spec.resolve(config).optimizer.rate == "auto"
     config.optimizer.lr_scaling = "sqrt"
-    with pytest.raises(ValueError, match="optimizer.lr_scaling must be 'none' or 'linear'"):
-        trainer.configured_rate(config)
+    with pytest.raises(ValueError, match="Unknown optimizer.lr_scaling 'sqrt'. Choose one of: none, linear"):
+        spec.resolve(config)
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -190,5 +192,5 @@ def test_mixed_precision_run_exports_float32_probabilities(tmp_path, images):
     assert out["probabilities"].dtype == tf.float32
     np.testing.assert_allclose(tf.reduce_sum(out["probabilities"], -1).numpy(), 1.0, rtol=1e-5)
     # The trained model reloads in its precision (launch.evaluate, export).
-    model, state = trainer.load_trained(str(workdir))
+    model, state, _ = job.load_trained(str(workdir))
     assert _conv(model).compute_dtype == "bfloat16" and state["global_step"] == 6

@@ -75,9 +75,9 @@ def test_recipe_for_the_quickstart_data_and_its_flags():
         image_size=128, mixup_alpha=0.0,
     )
     assert r.flags() == (
-        "--config.train.epochs=30 --config.optimizer.schedule=step "
-        "--config.optimizer.warmup_steps=60 "
-        "--config.optimizer.decay_boundaries='(0.4, 0.6, 0.8)' --config.model.image_size=128"
+        "--config.train.epochs=30 --config.schedule.name=step "
+        "--config.schedule.warmup_steps=60 "
+        "--config.schedule.decay_boundaries='(0.4, 0.6, 0.8)' --config.model.image_size=128"
     )
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import keras_ft
-from configs import base
-from keras_ft import schedules, trainer
+from configs import base, tiny
+from keras_ft import schedules, spec
 
 
 def values(schedule, steps):
@@ -101,10 +101,11 @@ def test_schedule_composes_with_stage_scale_and_block_multipliers():
     np.testing.assert_allclose(b.numpy(), 1 - 0.04 * 0.5 * 0.25 * 2.0, rtol=1e-6)
 
 
-def optimizer_config(**overrides):
-    config = base.get_config().optimizer
-    config.update(overrides)
-    return config
+def run_spec(learning_rate=0.02, **schedule):
+    config = tiny.get_config()
+    config.optimizer.learning_rate = learning_rate
+    config.schedule.update(schedule)
+    return spec.resolve(config)
 
 
 @pytest.mark.parametrize(
@@ -118,20 +119,18 @@ def optimizer_config(**overrides):
         ("constant", 0, float),  # a float: Keras keeps it as an optimizer variable
     ],
 )
-def test_trainer_builds_each_schedule(name, warmup, kind):
-    built = trainer.learning_rate_schedule(
-        optimizer_config(schedule=name, warmup_steps=warmup, learning_rate=0.02), 100
-    )
+def test_spec_builds_each_schedule(name, warmup, kind):
+    built = run_spec(name=name, warmup_steps=warmup).learning_rate(100)
     assert type(built) is kind
     peak = built if kind is float else max(values(built, range(101)))
     assert peak == pytest.approx(0.02, rel=1e-6)
 
 
-def test_trainer_schedule_for_auto_and_found_rate():
-    config = optimizer_config(schedule="constant", learning_rate="auto")
-    placeholder = trainer.learning_rate_schedule(config, 100)
+def test_spec_schedule_for_auto_and_found_rate():
+    auto = run_spec(learning_rate="auto", name="constant")
+    placeholder = auto.learning_rate(100)
     assert isinstance(placeholder, schedules.Constant) and placeholder.learning_rate == 1.0
-    found = trainer.learning_rate_schedule(config, 100, learning_rate=0.003)
+    found = auto.learning_rate(100, peak=0.003)
     assert isinstance(found, schedules.Constant) and found.learning_rate == 0.003
 
 
@@ -140,22 +139,30 @@ def test_trainer_schedule_for_auto_and_found_rate():
     [
         (
             dict(learning_rate="atuo"),
-            "optimizer.learning_rate must be a positive number or 'auto', got 'atuo'",
+            "optimizer.learning_rate must be a number > 0 or 'auto', got 'atuo'",
         ),
         (dict(learning_rate=-0.1), "got -0.1"),
         (dict(learning_rate=True), "got True"),
         (dict(learning_rate="0.1"), "got '0.1'"),
-        (dict(schedule="cosin"), "Unknown optimizer.schedule 'cosin'. Choose one of: constant, cosine"),
-        (dict(schedule="cosine", warmup_steps=5), "use 'warmup_cosine'"),
-        (dict(schedule="warmup_cosine"), "needs optimizer.warmup_steps > 0"),
-        (dict(schedule="step", decay_boundaries=(0.6, 0.3)), "increasing fractions"),
-        (dict(schedule="stlr", stlr_cut_frac=1.5), "stlr_cut_frac must be in (0, 1)"),
+        (dict(name="cosin"), "Unknown schedule.name 'cosin'. Choose one of: constant, cosine"),
+        (dict(name="cosine", warmup_steps=5), "use 'warmup_cosine'"),
+        (dict(name="warmup_cosine"), "needs schedule.warmup_steps > 0"),
+        (dict(name="step", decay_boundaries=(0.6, 0.3)), "increasing fractions"),
+        (dict(name="stlr", stlr_cut_frac=1.5), "stlr_cut_frac must be in (0, 1)"),
+        (dict(name="constant", warmup_steps=-1), "schedule.warmup_steps must be an integer >= 0"),
     ],
 )
-def test_trainer_rejects_bad_optimizer_config(overrides, message):
-    with pytest.raises(ValueError, match=None) as error:
-        trainer.learning_rate_schedule(optimizer_config(**overrides), 100)
+def test_spec_rejects_bad_rate_or_schedule(overrides, message):
+    with pytest.raises(ValueError) as error:
+        run_spec(**overrides)
     assert message in str(error.value)
+
+
+def test_warmup_longer_than_the_run_fails_when_the_data_is_known():
+    run = run_spec(name="constant", warmup_steps=50)  # tiny: 2 epochs
+    spec.check_steps(run, steps_per_epoch=25)  # 50 updates: fits
+    with pytest.raises(ValueError, match=r"schedule.warmup_steps must be in \[0, 20\]"):
+        spec.check_steps(run, steps_per_epoch=10)
 
 
 def test_learning_rate_flag_is_typed_object():

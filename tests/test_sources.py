@@ -10,7 +10,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import REPO, error_line, run_train, write_image_folder
-from keras_ft import data, sources, trainer, validate
+from keras_ft import data, sources, validate, workdir as workdir_lib
+from keras_ft.tasks.image_classification import load_splits
 
 FLOWERS = ["dandelion", "daisy", "tulips", "sunflowers", "roses"]  # tf_flowers' ClassLabel order
 
@@ -77,7 +78,7 @@ def test_train_and_val_folders_are_the_split(tmp_path, val_name):
     assert images.val_mask.tolist() == [False] * 11 + [True] * 3
     # Every entry point splits the same way: by folder, whatever the seed.
     for seed in (0, 1):
-        _, train, val, _ = trainer.load_splits(
+        _, train, val, _ = load_splits(
             {"source": f"folder:{tmp_path}", "val_fraction": 0.5}, seed
         )
         assert {p.split(os.sep)[-3] for p in train.images} == {"train"}
@@ -264,9 +265,9 @@ def test_tfds_prepared_dataset_with_its_own_validation_split(shapes_dir):
     decoded = [tf.io.decode_png(blob, channels=3).numpy().tobytes() for blob in images.images]
     assert [written[d] for d in decoded] == images.labels.tolist()
     assert len(set(decoded[:8]) & set(decoded[8:])) == 0
-    _, train, val, _ = trainer.load_splits(
-        {"source": "tfds:keras_ft_shapes", "val_fraction": 0.5, "tfds_data_dir": shapes_dir,
-         "tfds_val_split": "validation"},
+    _, train, val, _ = load_splits(
+        {"source": "tfds:keras_ft_shapes", "val_fraction": 0.5,
+         "tfds": {"data_dir": shapes_dir, "val_split": "validation"}},
         seed=0,
     )
     assert (len(train), len(val)) == (8, 4)
@@ -274,7 +275,7 @@ def test_tfds_prepared_dataset_with_its_own_validation_split(shapes_dir):
 
 
 def test_tfds_bad_split_names_the_key(shapes_dir):
-    with pytest.raises(ValueError, match=r"TFDS dataset 'keras_ft_shapes', data.tfds_split='tran': "
+    with pytest.raises(ValueError, match=r"TFDS dataset 'keras_ft_shapes', data.tfds.split='tran': "
                        r"Unknown split 'tran'"):
         sources.load_source("tfds:keras_ft_shapes", tfds_data_dir=shapes_dir, tfds_split="tran")
     images = sources.load_source(
@@ -313,7 +314,7 @@ def test_tfds_validation_split_is_the_datasets_own(tmp_path):
     images = _flowers(tmp_path, num_examples=12, tfds_val_split="test")
     assert images.val_mask.tolist() == [False] * 12 + [True] * 12
     assert images.names[12] == "tf_flowers test #0"
-    with pytest.raises(ValueError, match=r"data.tfds_val_split is data.tfds_split \('train'\)"):
+    with pytest.raises(ValueError, match=r"data.tfds.val_split is data.tfds.split \('train'\)"):
         _flowers(tmp_path, tfds_val_split="train")
 
 
@@ -335,7 +336,7 @@ def test_tfds_not_prepared_offline_fails_at_once_in_one_line(tmp_path):
         f"TFDS dataset 'tf_flowers' is not prepared in {data_dir} (no {data_dir}/tf_flowers/"
     )
     assert f"run `tfds build tf_flowers --data_dir={data_dir}` on a machine with network" in message
-    assert "--config.data.tfds_download=True" in message
+    assert "--config.data.tfds.download=True" in message
     assert not os.path.exists(data_dir)
 
 
@@ -352,7 +353,7 @@ def test_tfds_manual_download_fails_before_trying(tmp_path):
         ("tf_flowers:9.9.9", {}, r"TFDS dataset 'tf_flowers:9.9.9': .* cannot be loaded at version 9.9.9, only: 3.0.1"),
         ("tf_flowers", {"tfds_label_key": "species"},
          r"'tf_flowers' has no ClassLabel feature 'species'; its ClassLabel features: label. "
-         r"Set --config.data.tfds_label_key=NAME."),
+         r"Set --config.data.tfds.label_key=NAME."),
         ("oxford_iiit_pet", {"tfds_image_key": "photo"},
          r"no Image feature 'photo'; its Image features: image, segmentation_mask"),
     ],
@@ -363,13 +364,13 @@ def test_tfds_unknown_names_list_the_choices(tmp_path, name, options, message):
 
 
 def test_tfds_through_load_splits_with_num_classes(tmp_path):
-    config = {"source": "tfds:tf_flowers", "val_fraction": 0.2, "tfds_download": True,
-              "tfds_data_dir": str(tmp_path)}
+    config = {"source": "tfds:tf_flowers", "val_fraction": 0.2,
+              "tfds": {"download": True, "data_dir": str(tmp_path)}}
     with tfds.testing.mock_data(num_examples=30):
-        dataset, train, val, _ = trainer.load_splits(config, seed=0)
+        dataset, train, val, _ = load_splits(config, seed=0)
         assert dataset.class_names == FLOWERS and len(train) + len(val) == 30
         with pytest.raises(ValueError, match=r"num_classes=4 but the data has 5 classes"):
-            trainer.load_splits(dict(config, num_classes=4), seed=0)
+            load_splits(dict(config, num_classes=4), seed=0)
 
 
 # ---------------------------------------------------- saved configs, resume
@@ -381,16 +382,15 @@ def test_saved_config_without_the_new_data_keys_still_loads_and_resumes(tmp_path
     config = tiny.get_config()
     config.data.source = f"folder:{images}"
     saved = config.to_dict()
-    for key in ("num_classes", "tfds_split", "tfds_val_split", "tfds_data_dir",
-                "tfds_download", "tfds_image_key", "tfds_label_key"):
+    for key in ("num_classes", "tfds"):
         del saved["data"][key]  # a run started before these keys existed
-    _, train, val, _ = trainer.load_splits(saved["data"], seed=0)
+    _, train, val, _ = load_splits(saved["data"], seed=0)
     assert len(train) + len(val) == 20
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    trainer._check_resumable(str(tmp_path), config.to_dict())  # the defaults: resumes
+    workdir_lib.check_resumable(str(tmp_path), config.to_dict())  # the defaults: resumes
     config.data.num_classes = 2
     with pytest.raises(ValueError, match=r"config differs \(data.num_classes: 0 -> 2\)"):
-        trainer._check_resumable(str(tmp_path), config.to_dict())
+        workdir_lib.check_resumable(str(tmp_path), config.to_dict())
 
 
 # --------------------------------------------------------------- end to end

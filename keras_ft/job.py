@@ -1,0 +1,166 @@
+"""A job: the data and the compiled model of a run spec, before training.
+
+`assemble` is what `keras_ft.trainer.train` and `launch.lr_find` both start
+from; `build_model` is what they and `load_trained` (`launch.evaluate`,
+`launch.export`) build the model with. Only model building and `compile()`
+run under the strategy's scope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from keras_ft import backbones, checkpoint, distribute, freezing, optim, spec as spec_lib
+from keras_ft import stages as stages_lib, tasks, workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class Job:
+    """What a run is made of, before any training: see `assemble`."""
+
+    spec: spec_lib.RunSpec
+    task: tasks.Task
+    strategy: tf.distribute.Strategy
+    data: tasks.TaskData
+    model: keras.Model
+    reference: list  # θ0, the weights as loaded (L2-SP, drift), checkpointed
+    block_lr: list | None  # discriminative rate multipliers, top block first
+    steps_per_epoch: int
+
+    @property
+    def batch(self) -> int:
+        return self.spec.train.global_batch_size
+
+    @property
+    def total_steps(self) -> int:
+        """The run's optimizer updates."""
+        return self.spec.total_steps(self.steps_per_epoch)
+
+
+def build_model(
+    spec: spec_lib.RunSpec, task: tasks.Task, class_names: list[str], total_updates: int
+) -> keras.Model:
+    """The task's model of `spec`, compiled with keras_ft's SGD (call under
+    the strategy's scope). `total_updates` is the schedule's length."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(spec.train.precision)  # for the layers built here
+    try:
+        model = task.build_model(spec, class_names)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if spec.distribute.sync_batchnorm:
+        synced = freezing.synchronize_batchnorm(model)
+        logging.info("Synchronized BatchNorm: %d layers use global-batch statistics.", synced)
+    if spec.freeze.method == "lora":
+        adapted = freezing.enable_lora(model, spec.freeze.lora_rank, spec.freeze.deepest)
+        logging.info("LoRA rank %d on %d layers.", spec.freeze.lora_rank, adapted)
+    model.l2sp_alpha = spec.optimizer.l2sp
+    o = spec.optimizer
+    loss, metrics = task.loss_and_metrics(spec)
+    model.compile(
+        optimizer=optim.SGD(
+            spec.learning_rate(total_updates),
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+            global_clipnorm=o.clip_norm or None,
+            gradient_accumulation_steps=o.accumulation_steps if o.accumulation_steps > 1 else None,
+        ),
+        loss=loss,
+        metrics=metrics,
+        jit_compile=spec.train.jit_compile,
+    )  # under mixed_float16, Keras wraps the SGD in a LossScaleOptimizer
+    return model
+
+
+def assemble(spec: spec_lib.RunSpec, strategy: tf.distribute.Strategy | None = None) -> Job:
+    """Data and compiled model of `spec`. Creates the strategy unless given
+    (`trainer.train` creates it first thing, before any other TF work)."""
+    if strategy is None:
+        strategy = distribute.start(spec.distribute)
+    keras.utils.set_random_seed(spec.seed)
+    if spec.deterministic:  # bitwise-repeatable kernels (the data order always is)
+        tf.config.experimental.enable_op_determinism()
+    batch = distribute.check_batch_size(spec.train.global_batch_size, strategy)
+    logging.info("Strategy %s.", distribute.describe(strategy))
+    logging.info("Precision %s; XLA jit_compile=%s.", spec.train.precision, spec.train.jit_compile)
+    o = spec.optimizer
+    if o.rate != o.learning_rate:
+        logging.info(
+            "Linear LR scaling: %g x %d x %d / %d = %g.", o.learning_rate, batch,
+            o.accumulation_steps, o.lr_base_batch_size, o.rate,
+        )
+
+    task = tasks.get(spec.task)
+    data = task.load_data(spec)
+    for line in data.scan_report.lines():
+        logging.info("%s", line)
+    if data.train_size < batch:
+        raise ValueError(
+            f"The training split has {data.train_size} examples, fewer than "
+            f"train.global_batch_size={batch}; lower the batch size."
+        )
+    steps_per_epoch = spec.train.steps_per_epoch or data.train_size // batch
+    spec_lib.check_steps(spec, steps_per_epoch)
+    if o.accumulation_steps > 1:
+        logging.info(
+            "Gradient accumulation: one update per %d batches of %d (effective batch %d).",
+            o.accumulation_steps, batch, o.accumulation_steps * batch,
+        )
+    for line in data.describe():
+        logging.info("%s", line)
+
+    with strategy.scope():
+        model = build_model(spec, task, data.class_names, spec.total_steps(steps_per_epoch))
+        reference = model.snapshot_reference()  # θ0: the weights as loaded
+    block_lr = None
+    if spec.freeze.lr_decay != 1.0:
+        num_blocks = len(backbones.block_map(model.backbone, spec.model.backbone))
+        block_lr = stages_lib.block_lr_multipliers(num_blocks, spec.freeze.lr_decay)
+    return Job(spec, task, strategy, data, model, reference, block_lr, steps_per_epoch)
+
+
+def reestimate_if_configured(job: Job) -> None:
+    """BatchNorm policy "reestimate": statistics from training images, once."""
+    if job.spec.freeze.batchnorm != "reestimate":
+        return
+    used = freezing.reestimate_batchnorm(
+        job.model, job.data.eval_stream("train"), job.spec.freeze.reestimate_batches
+    )
+    logging.info("Re-estimated BatchNorm statistics on %d training batches.", used)
+
+
+def enter_first_stage(job: Job) -> None:
+    """Puts the model in the first freezing stage (what the range test measures)."""
+    f = job.spec.freeze
+    freezing.apply_stage(job.model, f.stages[0], f.method, f.batchnorm, job.block_lr)
+
+
+def load_trained(workdir: str) -> tuple[keras.Model, dict, spec_lib.RunSpec]:
+    """The model of a workdir with its newest checkpoint's weights.
+
+    Returns:
+        The model (compiled, on the default strategy), the checkpoint's state
+        (`epoch`, `step`, `history`, `class_names`, ...) and the run's spec.
+    """
+    spec = spec_lib.resolve(workdir_lib.load_config(workdir))
+    directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+    paths = checkpoint.CheckpointManager(directory).all() if os.path.isdir(directory) else []
+    if not paths:
+        raise ValueError(f"{workdir} has no checkpoint yet: train first.")
+    with open(os.path.join(paths[-1], checkpoint.STATE_FILE)) as f:
+        class_names = json.load(f)["class_names"]
+    model = build_model(spec, tasks.get(spec.task), class_names, 1)
+    manager = checkpoint.CheckpointManager(
+        directory, **checkpoint.model_objects(model, model.snapshot_reference())
+    )
+    state = manager.restore_latest()
+    if state is None:
+        raise ValueError(f"No readable checkpoint in {directory}.")
+    return model, state, spec

@@ -1,0 +1,446 @@
+"""The run spec: a config resolved once into typed, checked values.
+
+`resolve(config)` turns the ConfigDict of configs/base.py (or a workdir's
+saved config over today's defaults) into a frozen `RunSpec`. Every value is
+checked here, once, with an error that names the key and the valid choices;
+derived values (the image size, the linearly scaled rate, the epochs that
+train on cached features) are computed here and nowhere else. The trainer
+and every `launch.*` script read the spec, never the raw keys.
+
+    spec = keras_ft.spec.resolve(configs.quickstart.get_config())
+    spec.model.image_size         # 97
+    spec.optimizer.rate           # 0.01 (after lr_scaling)
+    spec.freeze.stages[1]         # Stage(epochs=4, blocks=3, lr_scale=0.1)
+
+What depends on the data (steps per epoch, and so the checks of
+`optimizer.accumulation_steps` against it) is checked when the data is
+loaded (`check_steps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from keras_ft import augment as augment_lib
+from keras_ft import backbones, data as data_lib, distribute, freezing, recipe, schedules
+from keras_ft import stages as stages_lib, validate
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+LR_SCALING = ("none", "linear")
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int(value, key: str, low: int, high: int | None = None, note: str = "") -> int:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{key} must be an integer {bound}{note}, got {value!r}.")
+    return value
+
+
+def _number(value, key: str, low: float, high: float = math.inf, *, open_low=False,
+            open_high=False, note: str = "") -> float:
+    ok = _is_number(value) and (value > low if open_low else value >= low) and (
+        value < high if open_high else value <= high)
+    if not ok:
+        left, right = "(" if open_low else "[", ")" if open_high else "]"
+        bound = f"in {left}{low:g}, {high:g}{right}" if high != math.inf else (
+            f"> {low:g}" if open_low else f">= {low:g}")
+        raise ValueError(f"{key} must be a number {bound}{note}, got {value!r}.")
+    return float(value)
+
+
+def _bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be True or False, got {value!r}.")
+    return value
+
+
+def _choice(value, key: str, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"Unknown {key} {value!r}. Choose one of: {', '.join(choices)}.")
+    return value
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}.")
+    return value
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    backbone: str  # registry name (keras_ft.backbones)
+    weights: str | None  # "imagenet", a named offline source, a path; None = random
+    weights_sha256: str | None
+    image_size: int  # resolved: the backbone's default when the config says 0
+    dropout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    split: str = "train"
+    val_split: str = ""
+    data_dir: str = ""
+    download: bool = False
+    image_key: str = "image"
+    label_key: str = "label"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    source: str
+    val_fraction: float
+    num_classes: int  # 0 = from the data
+    tfds: TfdsSpec
+    bad_files: str
+    resize: str
+    augment: augment_lib.Augment
+    cache_images_mb: float
+    class_weights: bool
+    cache_features: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    global_batch_size: int
+    epochs: int
+    steps_per_epoch: int  # 0 = one pass over the training set
+    precision: str
+    jit_compile: bool | str
+
+
+@dataclasses.dataclass(frozen=True)
+class LrFindSpec:
+    start_lr: float
+    end_lr: float
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    learning_rate: float | str  # as configured: a number or "auto"
+    rate: float | str  # the peak rate after `lr_scaling` ("auto" stays "auto")
+    lr_scaling: str
+    lr_base_batch_size: int
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    accumulation_steps: int
+    clip_norm: float
+    l2sp: float
+    lr_find: LrFindSpec
+
+    @property
+    def auto(self) -> bool:
+        """Whether the rate comes from the range test (`learning_rate="auto"`)."""
+        return self.learning_rate == "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    name: str
+    warmup_steps: int
+    decay_boundaries: tuple[float, ...]
+    decay_factor: float
+    stlr_cut_frac: float
+    stlr_ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeSpec:
+    stages: tuple[stages_lib.Stage, ...]
+    batchnorm: str
+    reestimate_batches: int
+    method: str
+    lora_rank: int
+    lr_decay: float
+
+    @property
+    def deepest(self) -> int:
+        """The most blocks any stage trains (-1 = all)."""
+        return -1 if any(s.blocks == -1 for s in self.stages) else max(s.blocks for s in self.stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeSpec:
+    strategy: str
+    cpu_devices: int
+    sync_batchnorm: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    keep: int
+    every_steps: int
+    every_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """A run's config, checked and resolved (see the module docstring)."""
+
+    task: str
+    seed: int
+    resume: bool
+    deterministic: bool
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    freeze: FreezeSpec
+    distribute: DistributeSpec
+    checkpoint: CheckpointSpec
+    export: bool
+    cached_epochs: int  # first epochs trained on cached features (0 = none)
+    resolved: dict = dataclasses.field(compare=False, repr=False)  # for config.json
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's optimizer updates (batches / accumulation steps), at least 1."""
+        batches = self.train.epochs * steps_per_epoch
+        return max(1, batches // self.optimizer.accumulation_steps)
+
+    def learning_rate(self, total_updates: int, peak: float | None = None):
+        """The optimizer's learning rate: a float or a `keras_ft.schedules`
+        object over `total_updates` (see `schedules.create`). `peak` replaces
+        the configured rate (the range test's suggestion for "auto")."""
+        return schedules.create(
+            self.schedule.name,
+            self.optimizer.rate if peak is None else peak,
+            total_updates,
+            warmup_steps=self.schedule.warmup_steps,
+            decay_boundaries=self.schedule.decay_boundaries,
+            decay_factor=self.schedule.decay_factor,
+            stlr_cut_frac=self.schedule.stlr_cut_frac,
+            stlr_ratio=self.schedule.stlr_ratio,
+            as_schedule=self.optimizer.auto,  # the same optimizer variables before
+            #   and after the range test's suggestion replaces the placeholder
+        )
+
+
+def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
+    """Checks every value of `config` once and returns the run's `RunSpec`.
+
+    Args:
+        config: a ConfigDict with the keys of configs/base.py, or a saved
+            dict (read over today's defaults, old key names mapped).
+
+    Raises:
+        ValueError: the first bad value, naming its key and the valid choices.
+    """
+    from keras_ft import tasks, workdir  # tasks import this module's types
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = workdir.with_defaults(config)
+    c = config
+    task = _choice(c.task, "task", tasks.names())
+    seed = _int(c.seed, "seed", 0, 2**31 - 1)
+
+    backbone = backbones.get(c.model.backbone).name  # lists the valid names
+    weights = c.model.weights
+    weights = None if weights is None or str(weights).lower() == "none" else _text(weights, "model.weights")
+    image_size = _int(c.model.image_size, "model.image_size", 0, 4096, note=" (0 = the backbone's default)")
+    model = ModelSpec(
+        backbone=backbone,
+        weights=weights,
+        weights_sha256=_text(c.model.weights_sha256, "model.weights_sha256") or None,
+        image_size=image_size or backbones.get(backbone).default_size,
+        dropout=_number(c.model.dropout, "model.dropout", 0, 1, open_high=True),
+    )
+
+    data = resolve_data(c.data)
+
+    t = c.train
+    jit = t.jit_compile
+    if not (isinstance(jit, bool) or jit == "auto"):
+        raise ValueError(f"train.jit_compile must be True, False or 'auto', got {jit!r}.")
+    train = TrainSpec(
+        global_batch_size=_int(t.global_batch_size, "train.global_batch_size", 1),
+        epochs=_int(t.epochs, "train.epochs", 1),
+        steps_per_epoch=_int(t.steps_per_epoch, "train.steps_per_epoch", 0,
+                             note=" (0 = one pass over the training set)"),
+        precision=_choice(t.precision, "train.precision", PRECISIONS),
+        jit_compile=jit,
+    )
+
+    o = c.optimizer
+    rate = o.learning_rate
+    if rate != "auto":
+        rate = _number(rate, "optimizer.learning_rate", 0, open_low=True, note=" or 'auto'")
+    accumulation = _int(o.accumulation_steps, "optimizer.accumulation_steps", 1)
+    scaling = _choice(o.lr_scaling, "optimizer.lr_scaling", LR_SCALING)
+    base_batch = _int(o.lr_base_batch_size, "optimizer.lr_base_batch_size", 1)
+    finder = LrFindSpec(
+        start_lr=_number(o.lr_find.start_lr, "optimizer.lr_find.start_lr", 0, open_low=True),
+        end_lr=_number(o.lr_find.end_lr, "optimizer.lr_find.end_lr", 0, open_low=True),
+        steps=_int(o.lr_find.steps, "optimizer.lr_find.steps", 2),
+    )
+    if finder.end_lr <= finder.start_lr:
+        raise ValueError(
+            f"optimizer.lr_find.end_lr ({finder.end_lr:g}) must be above start_lr "
+            f"({finder.start_lr:g})."
+        )
+    optimizer = OptimizerSpec(
+        learning_rate=rate,
+        rate=rate if rate == "auto" or scaling == "none" else recipe.linear_scaled_rate(
+            rate, train.global_batch_size * accumulation, base_batch),
+        lr_scaling=scaling,
+        lr_base_batch_size=base_batch,
+        momentum=_number(o.momentum, "optimizer.momentum", 0, 1, open_high=True),
+        nesterov=_bool(o.nesterov, "optimizer.nesterov"),
+        weight_decay=_number(o.weight_decay, "optimizer.weight_decay", 0),
+        accumulation_steps=accumulation,
+        clip_norm=_number(o.clip_norm, "optimizer.clip_norm", 0, note=" (0 = off)"),
+        l2sp=_number(o.l2sp, "optimizer.l2sp", 0, note=" (0 = off)"),
+        lr_find=finder,
+    )
+    if optimizer.auto and accumulation > 1:
+        raise ValueError(
+            "optimizer.learning_rate='auto' runs the range test one update per batch: "
+            "run it without accumulation (launch.lr_find), then set the rate."
+        )
+
+    s = c.schedule
+    schedule = ScheduleSpec(
+        name=_choice(s.name, "schedule.name", schedules.NAMES),
+        warmup_steps=_int(s.warmup_steps, "schedule.warmup_steps", 0),
+        decay_boundaries=tuple(s.decay_boundaries),
+        decay_factor=s.decay_factor,
+        stlr_cut_frac=s.stlr_cut_frac,
+        stlr_ratio=s.stlr_ratio,
+    )
+    # Builds it once over a nominal run: a bad combination or parameter fails
+    # here, before any work; the real length is checked when the data is known.
+    schedules.create(schedule.name, 1.0, 10**9, **_schedule_options(schedule))
+
+    f = c.freeze
+    freeze = FreezeSpec(
+        stages=tuple(stages_lib.parse(f.stages)),
+        batchnorm=_choice(f.batchnorm, "freeze.batchnorm", freezing.BN_POLICIES),
+        reestimate_batches=_int(f.reestimate_batches, "freeze.reestimate_batches", 1),
+        method=_choice(f.method, "freeze.method", freezing.METHODS),
+        lora_rank=_int(f.lora_rank, "freeze.lora_rank", 1),
+        lr_decay=_number(f.lr_decay, "freeze.lr_decay", 0, 1, open_low=True),
+    )
+    bad = [s.describe() for s in freeze.stages if s.steps and s.steps % accumulation]
+    if bad:
+        raise ValueError(
+            f"optimizer.accumulation_steps={accumulation} must divide every stage length "
+            f"in steps; not {', '.join(bad)}."
+        )
+
+    dist = DistributeSpec(
+        strategy=_choice(c.distribute.strategy, "distribute.strategy", distribute.STRATEGIES),
+        cpu_devices=_int(c.distribute.cpu_devices, "distribute.cpu_devices", 0, 64),
+        sync_batchnorm=_bool(c.distribute.sync_batchnorm, "distribute.sync_batchnorm"),
+    )
+    ckpt = CheckpointSpec(
+        keep=_int(c.checkpoint.keep, "checkpoint.keep", 1),
+        every_steps=_int(c.checkpoint.every_steps, "checkpoint.every_steps", 0, note=" (0 = off)"),
+        every_seconds=_number(c.checkpoint.every_seconds, "checkpoint.every_seconds", 0,
+                              note=" (0 = off)"),
+    )
+
+    resolved = config.to_dict()
+    resolved["model"]["image_size"] = model.image_size
+    return RunSpec(
+        task=task,
+        seed=seed,
+        resume=_bool(c.resume, "resume"),
+        deterministic=_bool(c.deterministic, "deterministic"),
+        model=model,
+        data=data,
+        train=train,
+        optimizer=optimizer,
+        schedule=schedule,
+        freeze=freeze,
+        distribute=dist,
+        checkpoint=ckpt,
+        export=_bool(c.export.enabled, "export.enabled"),
+        cached_epochs=_cached_epochs(data, freeze, train.epochs),
+        resolved=resolved,
+    )
+
+
+def resolve_data(d) -> DataSpec:
+    """The checked `data` sub-config: a ConfigDict, or a saved dict read over
+    today's defaults (old key names mapped), as `launch.evaluate` needs."""
+    if not isinstance(d, ml_collections.ConfigDict):
+        from keras_ft import workdir
+
+        d = workdir.with_defaults({"data": dict(d)}).data
+    return DataSpec(
+        source=_text(d.source, "data.source"),
+        val_fraction=_number(d.val_fraction, "data.val_fraction", 0, 1, open_low=True, open_high=True),
+        num_classes=_int(d.num_classes, "data.num_classes", 0, note=" (0 = from the data)"),
+        tfds=TfdsSpec(
+            split=_text(d.tfds.split, "data.tfds.split"),
+            val_split=_text(d.tfds.val_split, "data.tfds.val_split"),
+            data_dir=_text(d.tfds.data_dir, "data.tfds.data_dir"),
+            download=_bool(d.tfds.download, "data.tfds.download"),
+            image_key=_text(d.tfds.image_key, "data.tfds.image_key"),
+            label_key=_text(d.tfds.label_key, "data.tfds.label_key"),
+        ),
+        bad_files=_choice(d.bad_files, "data.bad_files", validate.POLICIES),
+        resize=data_lib.check_resize(d.resize),
+        augment=augment_lib.Augment.from_config(d.augment),
+        cache_images_mb=_number(d.cache_images_mb, "data.cache_images_mb", 0, 1900,
+                                note=" of megabytes (0 = off)"),
+        class_weights=_bool(d.class_weights, "data.class_weights"),
+        cache_features=_bool(d.cache_features, "data.cache_features"),
+    )
+
+
+def _schedule_options(schedule: ScheduleSpec) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(schedule).items() if k != "name"}
+
+
+def _cached_epochs(data: DataSpec, freeze: FreezeSpec, epochs: int) -> int:
+    """How many first epochs train on cached features (`data.cache_features`):
+    those of a first stage that trains the head only, 0 if caching is off."""
+    if not data.cache_features:
+        return 0
+    first = freeze.stages[0]
+    if first.blocks != 0 or not first.epochs or freeze.method == "lora":
+        raise ValueError(
+            "data.cache_features=True caches the frozen backbone of a first stage "
+            "that trains the head only for whole epochs, e.g. freeze.stages[0] = "
+            f"dict(epochs=2, blocks=0); the first stage is {first.describe()!r}"
+            + (" measured in steps" if first.steps else "")
+            + (", method lora" if freeze.method == "lora" else "") + "."
+        )
+    from keras_ft import features
+
+    features.check_cacheable(data.augment)
+    return epochs if len(freeze.stages) == 1 else min(first.epochs, epochs)
+
+
+def check_steps(spec: RunSpec, steps_per_epoch: int) -> None:
+    """What the data decides: updates must not straddle an epoch (an
+    accumulator of a variable that a stage freezes would keep its partial
+    sum), and the schedule's warmup must fit in the run."""
+    n = spec.optimizer.accumulation_steps
+    if steps_per_epoch % n:
+        raise ValueError(
+            f"optimizer.accumulation_steps={n} must divide the {steps_per_epoch} steps per "
+            "epoch (set train.steps_per_epoch or the batch size), so that no update "
+            "straddles an epoch."
+        )
+    spec.learning_rate(spec.total_steps(steps_per_epoch), peak=1.0)

@@ -1,0 +1,186 @@
+"""Single-label image classification: the first task.
+
+Data: an image source (`keras_ft.sources`), every file checked before
+training (`keras_ft.validate`), split by the source's own train/validation
+split or by seed; streams from `keras_ft.data` (sized by the run's resize
+policy, augmented by `keras_ft.augment`; decoded images kept in memory when
+they fit, `data.cache_images_mb`; the frozen backbone's features cached for
+a head-only first stage, `data.cache_features`).
+Model: `keras_ft.model.Classifier` (backbone, pooling, dropout, Dense head).
+Loss: sparse categorical cross-entropy, or categorical on the soft labels
+of MixUp/CutMix. Main metric: accuracy. Export: the SavedModel of
+`keras_ft.export` (encoded image bytes, or uint8 arrays, of any size).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from keras_ft import data as data_lib, export, features, model as model_lib
+from keras_ft import sources, spec as spec_lib, validate
+from keras_ft.tasks import base
+
+
+def load_splits(data_spec, seed: int):
+    """The images of a run, split as every entry point must split them.
+
+    Every image is checked first (`keras_ft.validate`): bad ones are skipped
+    and listed, or stop the run (`data.bad_files`), never dropped silently or
+    met halfway through an epoch. Then the source's own train/validation
+    split (train/ and val/ folders, `data.tfds.val_split`) if it has one,
+    else the seeded, stratified split.
+
+    Args:
+        data_spec: the run's `spec.data` (a `keras_ft.spec.DataSpec`), or a
+            `data` sub-config (ConfigDict or saved dict) to resolve.
+        seed: the run's seed.
+
+    Returns:
+        `(dataset, train_set, val_set, scan_report)`.
+    """
+    if not isinstance(data_spec, spec_lib.DataSpec):
+        data_spec = spec_lib.resolve_data(data_spec)
+    t = data_spec.tfds
+    dataset = sources.load_source(
+        data_spec.source,
+        num_classes=data_spec.num_classes,
+        tfds_split=t.split,
+        tfds_val_split=t.val_split,
+        tfds_data_dir=t.data_dir,
+        tfds_download=t.download,
+        tfds_image_key=t.image_key,
+        tfds_label_key=t.label_key,
+    )
+    dataset, scan_report = validate.scan(
+        dataset, policy=data_spec.bad_files, num_classes=data_spec.num_classes or None
+    )
+    if dataset.val_mask is None:
+        train_set, val_set = data_lib.split(dataset, data_spec.val_fraction, seed)
+    else:
+        train_set, val_set = data_lib.split_as_given(dataset)
+    return dataset, train_set, val_set, scan_report
+
+
+class ImageData(base.TaskData):
+    """The images of a run, split, with their training and evaluation streams.
+
+    Args:
+        spec: the run's `RunSpec`.
+        dataset, train_set, val_set, scan_report: from `load_splits`.
+    """
+
+    def __init__(self, spec, dataset, train_set, val_set, scan_report):
+        self.dataset, self.train_set, self.val_set = dataset, train_set, val_set
+        self.scan_report = scan_report
+        self.class_names = list(dataset.class_names)
+        self.train_size, self.val_size = len(train_set), len(val_set)
+        self.own_split = dataset.val_mask is not None
+        self._spec = spec
+        self._image_size = spec.model.image_size
+        self._batch = spec.train.global_batch_size
+        self._sized = data_lib.SizedCache(
+            self._image_size, spec.data.resize, spec.data.cache_images_mb
+        )
+        self._features = None  # keras_ft.features.Cache, built on first use
+
+    def describe(self) -> list[str]:
+        d = self._spec.data
+        split = ("the source's own split" if self.own_split
+                 else f"val_fraction {d.val_fraction}, seed {self._spec.seed}")
+        return [
+            f"Data {d.source}: {self.train_size} train / {self.val_size} validation images "
+            f"({split}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
+            f"Images: {d.resize} to {self._image_size} px; augmentation: {d.augment.describe()}.",
+        ]
+
+    def _images(self, split: str) -> data_lib.ImageSet:
+        if split not in ("train", "val"):
+            raise ValueError(f"Unknown split {split!r}. Choose one of: train, val.")
+        return self.train_set if split == "train" else self.val_set
+
+    def _cached_features(self, model) -> features.Cache:
+        if self._features is None:
+            d = self._spec.data
+            self._features = features.compute(
+                model, self.train_set, self.val_set, self._image_size, self._batch,
+                d.resize, d.augment, one_hot=d.augment.mixes,
+            )
+        return self._features
+
+    def train_stream(self, skip_batches: int = 0, features_of=None) -> tf.data.Dataset:
+        d, seed = self._spec.data, self._spec.seed
+        if features_of is not None:  # the same stream, on the frozen backbone's features
+            return features.training_stream(
+                self._cached_features(features_of), self._batch, seed, skip_batches, d.augment
+            )
+        # random_resized_crop crops the originals: no sized copy for training.
+        sized = None if d.augment.random_resized_crop else self._sized.get("train", self.train_set)
+        return data_lib.make_dataset(
+            self.train_set, self._image_size, self._batch, training=True, seed=seed,
+            skip_batches=skip_batches, resize=d.resize, augment=d.augment,
+            one_hot=d.augment.mixes, sized=sized,
+        )
+
+    def eval_stream(self, split: str = "val", features_of=None) -> tf.data.Dataset:
+        images = self._images(split)
+        if features_of is not None:
+            if split != "val":
+                raise ValueError("Cached features evaluate the validation split only.")
+            return features.validation_stream(self._cached_features(features_of), self._batch)
+        d = self._spec.data
+        return data_lib.make_dataset(
+            images, self._image_size, self._batch, training=False, resize=d.resize,
+            one_hot=d.augment.mixes, sized=self._sized.get(split, images),
+        )
+
+    def class_weight(self) -> dict[int, float] | None:
+        if not self._spec.data.class_weights:
+            return None
+        weights = validate.class_weights(self.train_set.labels, len(self.class_names))
+        logging.info("Class weights (inverse frequency): %s.", ", ".join(
+            f"{self.class_names[c]} {w:.3g}" for c, w in weights.items()))
+        return weights
+
+
+class ImageClassification(base.Task):
+    """Single-label image classification (see the module docstring)."""
+
+    name = "image_classification"
+    main_metric = "accuracy"
+
+    def load_data(self, spec) -> ImageData:
+        return ImageData(spec, *load_splits(spec.data, spec.seed))
+
+    def build_model(self, spec, class_names: list[str]) -> model_lib.Classifier:
+        # The configured weights are loaded even when a checkpoint will
+        # replace them: they also decide the preprocessing and BatchNorm
+        # epsilon, which a checkpoint does not hold.
+        m = spec.model
+        return model_lib.build_classifier(
+            m.backbone,
+            num_classes=len(class_names),
+            image_size=m.image_size,
+            weights=m.weights,
+            weights_sha256=m.weights_sha256,
+            dropout=m.dropout,
+            class_names=class_names,
+        )
+
+    def loss_and_metrics(self, spec) -> tuple:
+        """Integer labels, or one-hot (soft) labels when `data.augment` mixes
+        batches (MixUp/CutMix). Either way the metric is named "accuracy"
+        (history.csv, metrics.json); with mixed labels it is agreement with
+        the dominant label."""
+        if spec.data.augment.mixes:
+            return (
+                keras.losses.CategoricalCrossentropy(from_logits=True),
+                [keras.metrics.CategoricalAccuracy(name="accuracy")],
+            )
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+
+    def export(self, model, path: str, class_names: list[str], spec) -> str:
+        return export.export_saved_model(
+            model, path, class_names, spec.model.image_size, resize=spec.data.resize
+        )
