@@ -5,8 +5,9 @@
 Rebuilds the validation split exactly as the trainer did
 (`trainer.load_splits`: same source, and the source's own split or the same
 `data.val_fraction` and seed; images sized by the same `data.resize`
-policy), classifies it with the newest checkpoint and writes
-`WORKDIR/report/`:
+policy), classifies it with the newest readable checkpoint
+(`WORKDIR/checkpoints/ckpt-SSSSSSSSS`, named by the global training step it
+was taken after, not by epoch) and writes `WORKDIR/report/`:
 
     report.md              accuracy, top-5, loss, ECE, per-class table, recipe
     report.json            the same numbers, plus the confusion matrix and bins
