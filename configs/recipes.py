@@ -18,8 +18,8 @@ cosine, batch 16, 6 epochs = 60 steps, BatchNorm frozen):
               1x1 convolutions.
 
 All recipes clip gradients to global norm 1.0 (see get_config for why).
-Runtime: 20-45 s each on 2 CPU cores. Measured results: the "Freezing
-schedules" table in README.md.
+Runtime: 20-45 s each on 2 CPU cores. Measured results: "Presets, and what
+they gave" in docs/recipes.md.
 """
 
 from configs import quickstart

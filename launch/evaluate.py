@@ -3,9 +3,9 @@
     python -m launch.evaluate --workdir=/tmp/qs
 
 Rebuilds the validation split exactly as the trainer did
-(`trainer.load_splits`: same source, and the source's own split or the same
-`data.val_fraction` and seed; images sized by the same `data.resize`
-policy), classifies it with the newest readable checkpoint
+(`keras_ft.tasks.image_classification.load_splits`: same source, and the
+source's own split or the same `data.val_fraction` and seed; images sized
+by the same `data.resize` policy), classifies it with the newest readable checkpoint
 (`WORKDIR/checkpoints/ckpt-SSSSSSSSS`, named by the global training step it
 was taken after, not by epoch) and writes `WORKDIR/report/`:
 
