@@ -20,65 +20,16 @@ loaded (`check_steps`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import ml_collections
 
 from keras_ft import augment as augment_lib
-from keras_ft import backbones, data as data_lib, distribute, freezing, recipe, schedules
+from keras_ft import backbones, checks, data as data_lib, distribute, freezing, recipe, schedules
 from keras_ft import stages as stages_lib, validate
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALING = ("none", "linear")
-
-
-# ---------------------------------------------------------------- value checks
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int(value, key: str, low: int, high: int | None = None, note: str = "") -> int:
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{key} must be an integer {bound}{note}, got {value!r}.")
-    return value
-
-
-def _number(value, key: str, low: float, high: float = math.inf, *, open_low=False,
-            open_high=False, note: str = "") -> float:
-    ok = _is_number(value) and (value > low if open_low else value >= low) and (
-        value < high if open_high else value <= high)
-    if not ok:
-        left, right = "(" if open_low else "[", ")" if open_high else "]"
-        bound = f"in {left}{low:g}, {high:g}{right}" if high != math.inf else (
-            f"> {low:g}" if open_low else f">= {low:g}")
-        raise ValueError(f"{key} must be a number {bound}{note}, got {value!r}.")
-    return float(value)
-
-
-def _bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key} must be True or False, got {value!r}.")
-    return value
-
-
-def _choice(value, key: str, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"Unknown {key} {value!r}. Choose one of: {', '.join(choices)}.")
-    return value
-
-
-def _text(value, key: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}.")
-    return value
 
 
 # ---------------------------------------------------------------- the spec
@@ -250,19 +201,21 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     if not isinstance(config, ml_collections.ConfigDict):
         config = workdir.with_defaults(config)
     c = config
-    task = _choice(c.task, "task", tasks.names())
-    seed = _int(c.seed, "seed", 0, 2**31 - 1)
+    task = checks.choice(c.task, "task", tasks.names())
+    seed = checks.integer(c.seed, "seed", 0, 2**31 - 1)
 
     backbone = backbones.get(c.model.backbone).name  # lists the valid names
     weights = c.model.weights
-    weights = None if weights is None or str(weights).lower() == "none" else _text(weights, "model.weights")
-    image_size = _int(c.model.image_size, "model.image_size", 0, 4096, note=" (0 = the backbone's default)")
+    weights = None if weights is None or str(weights).lower() == "none" else checks.text(weights, "model.weights")
+    image_size = checks.integer(
+        c.model.image_size, "model.image_size", 0, 4096, note=" (0 = the backbone's default)"
+    )
     model = ModelSpec(
         backbone=backbone,
         weights=weights,
-        weights_sha256=_text(c.model.weights_sha256, "model.weights_sha256") or None,
+        weights_sha256=checks.text(c.model.weights_sha256, "model.weights_sha256") or None,
         image_size=image_size or backbones.get(backbone).default_size,
-        dropout=_number(c.model.dropout, "model.dropout", 0, 1, open_high=True),
+        dropout=checks.number(c.model.dropout, "model.dropout", 0, 1, open_high=True),
     )
 
     data = resolve_data(c.data)
@@ -272,25 +225,25 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     if not (isinstance(jit, bool) or jit == "auto"):
         raise ValueError(f"train.jit_compile must be True, False or 'auto', got {jit!r}.")
     train = TrainSpec(
-        global_batch_size=_int(t.global_batch_size, "train.global_batch_size", 1),
-        epochs=_int(t.epochs, "train.epochs", 1),
-        steps_per_epoch=_int(t.steps_per_epoch, "train.steps_per_epoch", 0,
+        global_batch_size=checks.integer(t.global_batch_size, "train.global_batch_size", 1),
+        epochs=checks.integer(t.epochs, "train.epochs", 1),
+        steps_per_epoch=checks.integer(t.steps_per_epoch, "train.steps_per_epoch", 0,
                              note=" (0 = one pass over the training set)"),
-        precision=_choice(t.precision, "train.precision", PRECISIONS),
+        precision=checks.choice(t.precision, "train.precision", PRECISIONS),
         jit_compile=jit,
     )
 
     o = c.optimizer
     rate = o.learning_rate
     if rate != "auto":
-        rate = _number(rate, "optimizer.learning_rate", 0, open_low=True, note=" or 'auto'")
-    accumulation = _int(o.accumulation_steps, "optimizer.accumulation_steps", 1)
-    scaling = _choice(o.lr_scaling, "optimizer.lr_scaling", LR_SCALING)
-    base_batch = _int(o.lr_base_batch_size, "optimizer.lr_base_batch_size", 1)
+        rate = checks.number(rate, "optimizer.learning_rate", 0, open_low=True, note=" or 'auto'")
+    accumulation = checks.integer(o.accumulation_steps, "optimizer.accumulation_steps", 1)
+    scaling = checks.choice(o.lr_scaling, "optimizer.lr_scaling", LR_SCALING)
+    base_batch = checks.integer(o.lr_base_batch_size, "optimizer.lr_base_batch_size", 1)
     finder = LrFindSpec(
-        start_lr=_number(o.lr_find.start_lr, "optimizer.lr_find.start_lr", 0, open_low=True),
-        end_lr=_number(o.lr_find.end_lr, "optimizer.lr_find.end_lr", 0, open_low=True),
-        steps=_int(o.lr_find.steps, "optimizer.lr_find.steps", 2),
+        start_lr=checks.number(o.lr_find.start_lr, "optimizer.lr_find.start_lr", 0, open_low=True),
+        end_lr=checks.number(o.lr_find.end_lr, "optimizer.lr_find.end_lr", 0, open_low=True),
+        steps=checks.integer(o.lr_find.steps, "optimizer.lr_find.steps", 2),
     )
     if finder.end_lr <= finder.start_lr:
         raise ValueError(
@@ -303,12 +256,12 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
             rate, train.global_batch_size * accumulation, base_batch),
         lr_scaling=scaling,
         lr_base_batch_size=base_batch,
-        momentum=_number(o.momentum, "optimizer.momentum", 0, 1, open_high=True),
-        nesterov=_bool(o.nesterov, "optimizer.nesterov"),
-        weight_decay=_number(o.weight_decay, "optimizer.weight_decay", 0),
+        momentum=checks.number(o.momentum, "optimizer.momentum", 0, 1, open_high=True),
+        nesterov=checks.boolean(o.nesterov, "optimizer.nesterov"),
+        weight_decay=checks.number(o.weight_decay, "optimizer.weight_decay", 0),
         accumulation_steps=accumulation,
-        clip_norm=_number(o.clip_norm, "optimizer.clip_norm", 0, note=" (0 = off)"),
-        l2sp=_number(o.l2sp, "optimizer.l2sp", 0, note=" (0 = off)"),
+        clip_norm=checks.number(o.clip_norm, "optimizer.clip_norm", 0, note=" (0 = off)"),
+        l2sp=checks.number(o.l2sp, "optimizer.l2sp", 0, note=" (0 = off)"),
         lr_find=finder,
     )
     if optimizer.auto and accumulation > 1:
@@ -319,8 +272,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
 
     s = c.schedule
     schedule = ScheduleSpec(
-        name=_choice(s.name, "schedule.name", schedules.NAMES),
-        warmup_steps=_int(s.warmup_steps, "schedule.warmup_steps", 0),
+        name=checks.choice(s.name, "schedule.name", schedules.NAMES),
+        warmup_steps=checks.integer(s.warmup_steps, "schedule.warmup_steps", 0),
         decay_boundaries=tuple(s.decay_boundaries),
         decay_factor=s.decay_factor,
         stlr_cut_frac=s.stlr_cut_frac,
@@ -333,11 +286,11 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     f = c.freeze
     freeze = FreezeSpec(
         stages=tuple(stages_lib.parse(f.stages)),
-        batchnorm=_choice(f.batchnorm, "freeze.batchnorm", freezing.BN_POLICIES),
-        reestimate_batches=_int(f.reestimate_batches, "freeze.reestimate_batches", 1),
-        method=_choice(f.method, "freeze.method", freezing.METHODS),
-        lora_rank=_int(f.lora_rank, "freeze.lora_rank", 1),
-        lr_decay=_number(f.lr_decay, "freeze.lr_decay", 0, 1, open_low=True),
+        batchnorm=checks.choice(f.batchnorm, "freeze.batchnorm", freezing.BN_POLICIES),
+        reestimate_batches=checks.integer(f.reestimate_batches, "freeze.reestimate_batches", 1),
+        method=checks.choice(f.method, "freeze.method", freezing.METHODS),
+        lora_rank=checks.integer(f.lora_rank, "freeze.lora_rank", 1),
+        lr_decay=checks.number(f.lr_decay, "freeze.lr_decay", 0, 1, open_low=True),
     )
     bad = [s.describe() for s in freeze.stages if s.steps and s.steps % accumulation]
     if bad:
@@ -347,14 +300,14 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         )
 
     dist = DistributeSpec(
-        strategy=_choice(c.distribute.strategy, "distribute.strategy", distribute.STRATEGIES),
-        cpu_devices=_int(c.distribute.cpu_devices, "distribute.cpu_devices", 0, 64),
-        sync_batchnorm=_bool(c.distribute.sync_batchnorm, "distribute.sync_batchnorm"),
+        strategy=checks.choice(c.distribute.strategy, "distribute.strategy", distribute.STRATEGIES),
+        cpu_devices=checks.integer(c.distribute.cpu_devices, "distribute.cpu_devices", 0, 64),
+        sync_batchnorm=checks.boolean(c.distribute.sync_batchnorm, "distribute.sync_batchnorm"),
     )
     ckpt = CheckpointSpec(
-        keep=_int(c.checkpoint.keep, "checkpoint.keep", 1),
-        every_steps=_int(c.checkpoint.every_steps, "checkpoint.every_steps", 0, note=" (0 = off)"),
-        every_seconds=_number(c.checkpoint.every_seconds, "checkpoint.every_seconds", 0,
+        keep=checks.integer(c.checkpoint.keep, "checkpoint.keep", 1),
+        every_steps=checks.integer(c.checkpoint.every_steps, "checkpoint.every_steps", 0, note=" (0 = off)"),
+        every_seconds=checks.number(c.checkpoint.every_seconds, "checkpoint.every_seconds", 0,
                               note=" (0 = off)"),
     )
 
@@ -363,8 +316,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     return RunSpec(
         task=task,
         seed=seed,
-        resume=_bool(c.resume, "resume"),
-        deterministic=_bool(c.deterministic, "deterministic"),
+        resume=checks.boolean(c.resume, "resume"),
+        deterministic=checks.boolean(c.deterministic, "deterministic"),
         model=model,
         data=data,
         train=train,
@@ -373,7 +326,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         freeze=freeze,
         distribute=dist,
         checkpoint=ckpt,
-        export=_bool(c.export.enabled, "export.enabled"),
+        export=checks.boolean(c.export.enabled, "export.enabled"),
         cached_epochs=_cached_epochs(data, freeze, train.epochs),
         resolved=resolved,
     )
@@ -387,24 +340,24 @@ def resolve_data(d) -> DataSpec:
 
         d = workdir.with_defaults({"data": dict(d)}).data
     return DataSpec(
-        source=_text(d.source, "data.source"),
-        val_fraction=_number(d.val_fraction, "data.val_fraction", 0, 1, open_low=True, open_high=True),
-        num_classes=_int(d.num_classes, "data.num_classes", 0, note=" (0 = from the data)"),
+        source=checks.text(d.source, "data.source"),
+        val_fraction=checks.number(d.val_fraction, "data.val_fraction", 0, 1, open_low=True, open_high=True),
+        num_classes=checks.integer(d.num_classes, "data.num_classes", 0, note=" (0 = from the data)"),
         tfds=TfdsSpec(
-            split=_text(d.tfds.split, "data.tfds.split"),
-            val_split=_text(d.tfds.val_split, "data.tfds.val_split"),
-            data_dir=_text(d.tfds.data_dir, "data.tfds.data_dir"),
-            download=_bool(d.tfds.download, "data.tfds.download"),
-            image_key=_text(d.tfds.image_key, "data.tfds.image_key"),
-            label_key=_text(d.tfds.label_key, "data.tfds.label_key"),
+            split=checks.text(d.tfds.split, "data.tfds.split"),
+            val_split=checks.text(d.tfds.val_split, "data.tfds.val_split"),
+            data_dir=checks.text(d.tfds.data_dir, "data.tfds.data_dir"),
+            download=checks.boolean(d.tfds.download, "data.tfds.download"),
+            image_key=checks.text(d.tfds.image_key, "data.tfds.image_key"),
+            label_key=checks.text(d.tfds.label_key, "data.tfds.label_key"),
         ),
-        bad_files=_choice(d.bad_files, "data.bad_files", validate.POLICIES),
+        bad_files=checks.choice(d.bad_files, "data.bad_files", validate.POLICIES),
         resize=data_lib.check_resize(d.resize),
         augment=augment_lib.Augment.from_config(d.augment),
-        cache_images_mb=_number(d.cache_images_mb, "data.cache_images_mb", 0, 1900,
+        cache_images_mb=checks.number(d.cache_images_mb, "data.cache_images_mb", 0, 1900,
                                 note=" of megabytes (0 = off)"),
-        class_weights=_bool(d.class_weights, "data.class_weights"),
-        cache_features=_bool(d.cache_features, "data.cache_features"),
+        class_weights=checks.boolean(d.class_weights, "data.class_weights"),
+        cache_features=checks.boolean(d.cache_features, "data.cache_features"),
     )
 
 

@@ -18,7 +18,6 @@ import os
 
 import keras
 import ml_collections
-import tensorflow as tf
 from absl import logging
 
 from keras_ft import callbacks, checkpoint, distribute, freezing, job as job_lib, lr_finder
