@@ -319,6 +319,29 @@ def block_map(
     return list(groups.items())
 
 
+def all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of ``model``, those of nested models included, each once.
+
+    ``model.layers`` lists only the top level, where a ``Classifier``'s
+    backbone is a single layer; this walks into it (depth first, in layer
+    order).
+    """
+    seen: set[int] = set()
+    out: list[keras.layers.Layer] = []
+
+    def walk(layers) -> None:
+        for layer in layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            out.append(layer)
+            if isinstance(layer, keras.Model):
+                walk(layer.layers)
+
+    walk(model.layers)
+    return out
+
+
 # --- preprocessing layer --------------------------------------------------------
 
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
