@@ -310,9 +310,7 @@ def build_classifier(
     spec = backbones.get(backbone)
     image_size = image_size or spec.default_size
     if weights == "imagenet":
-        net = weights_lib.build_imagenet(
-            spec.builder, include_top=False, input_shape=(image_size, image_size, 3)
-        )
+        net = weights_lib.build_imagenet(backbone, image_size)
         preprocessing = spec.preprocessing
     else:
         net = backbones.build(backbone, image_size, weights=None)
