@@ -95,7 +95,8 @@ def variable_index(optimizer: keras.optimizers.Optimizer, variable) -> int:
     replica's component of a mirrored variable; only the optimizer's
     `_get_variable_index` (through the TF backend's `_var_key`) maps all of
     them back. Keras' own `Optimizer` docstring uses it for exactly this in
-    its custom optimizer example, but has no public name for it.
+    its custom optimizer example, but has no public name for it; a public
+    one (or public per-variable slots) would let this go.
 
     Args:
         optimizer: a built Keras optimizer.
