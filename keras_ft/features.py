@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import augment as augment_lib, data as data_lib
+from keras_ft import augment as augment_lib, backbones, data as data_lib
 
 
 @dataclasses.dataclass
@@ -103,7 +103,7 @@ def compute(
     """
     augment = augment or augment_lib.Augment()
     check_cacheable(augment)
-    if any(isinstance(l, keras.layers.Dropout) for l in model.backbone._flatten_layers()):
+    if any(isinstance(l, keras.layers.Dropout) for l in backbones.all_layers(model.backbone)):
         logging.warning(
             "Backbone %s has dropout inside: its cached features are computed in "
             "inference mode, unlike an uncached frozen stage's.", model.backbone_name,

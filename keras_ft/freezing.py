@@ -74,7 +74,7 @@ def synchronize_batchnorm(model: keras.Model) -> int:
     all-reduce per layer and step). Matters only where BatchNorm trains
     (`freeze.batchnorm="trainable"`) with a small per-replica batch. Returns
     the number of layers."""
-    layers = [layer for layer in model._flatten_layers() if _is_bn(layer)]
+    layers = [layer for layer in backbones.all_layers(model) if _is_bn(layer)]
     for layer in layers:
         layer.synchronized = True
     return len(layers)

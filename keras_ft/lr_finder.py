@@ -236,12 +236,13 @@ def find_learning_rate(
     if isinstance(dataset, tf.data.Dataset):
         dataset = dataset.repeat()
     saved = [(v, np.array(v.numpy(), copy=True)) for v in _state_variables(model)]
-    # Keras keeps a float learning rate as a Variable, a schedule as an object.
-    source = optimizer._learning_rate
+    # Keras keeps a float learning rate as a Variable, a schedule as an object
+    # (which `keras_ft.optim.SGD` keeps in `learning_rate_schedule`).
+    schedule = optimizer.learning_rate_schedule
     stage_scale = float(optimizer.lr_scale.numpy())
     losses, smoothed, average, best, diverged = [], [], 0.0, math.inf, False
     try:
-        if isinstance(source, keras.Variable):
+        if schedule is None:
             optimizer.learning_rate = 1.0  # assigns the variable; restored below
         else:
             optimizer.learning_rate = schedules.Constant(1.0)
@@ -259,8 +260,8 @@ def find_learning_rate(
                 diverged = True
                 break
     finally:
-        if not isinstance(source, keras.Variable):
-            optimizer.learning_rate = source
+        if schedule is not None:
+            optimizer.learning_rate = schedule
         for variable, value in saved:
             variable.assign(value)
         model.make_train_function(force=True)

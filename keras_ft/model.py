@@ -14,12 +14,12 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from keras_ft import backbones
+from keras_ft import backbones, compat
 from keras_ft import weights as weights_lib
 
 
 @keras.saving.register_keras_serializable(package="keras_ft")
-class Classifier(keras.Model):
+class Classifier(compat.LocalBatchBuild, keras.Model):
     """Backbone + global average pooling + dropout + `Dense(num_classes)`.
 
     Inputs are float RGB images in [0, 255] of shape `(N, S, S, 3)`; the
@@ -222,32 +222,16 @@ class Classifier(keras.Model):
             self.optimizer.apply(grads, variables)
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras builds the compiled loss and metrics from a first batch before
-        # fit() or evaluate(). With a distributed dataset it averages that
-        # batch over the replicas with an eager `strategy.reduce`, only to read
-        # its shapes; under MultiWorkerMirroredStrategy that reduce fails
-        # ("Attempt to convert a value (PerReplica...) to a Tensor",
-        # keras-team/keras#20585). One replica's local batch has the same
-        # structure and dtypes, and needs no collective.
-        strategy = self._distribute_strategy  # None: Keras builds when tracing
-        if strategy is not None and iterator is not None and data_batch is None:
-
-            def local(value):
-                if isinstance(value, tf.distribute.DistributedValues):
-                    return strategy.experimental_local_results(value)[0]
-                return value
-
-            for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(local, next(batches))
-                break
-        if data_batch is not None:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
-            if len(x.shape) == 2:  # cached features (keras_ft.features): build
-                # as for the images they came from; only shapes are read.
-                x = tf.TensorSpec((x.shape[0],) + tuple(self.inputs[0].shape[1:]), tf.float32)
-                data_batch = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
-        return super()._maybe_symbolic_build(data_batch=data_batch)
+    def _batch_for_build(self, data_batch):
+        # Keras builds the compiled loss and metrics from a first batch (see
+        # `compat.LocalBatchBuild`, which also keeps that build working under
+        # MultiWorkerMirroredStrategy).
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+        if len(x.shape) == 2:  # cached features (keras_ft.features): build
+            # as for the images they came from; only shapes are read.
+            x = tf.TensorSpec((x.shape[0],) + tuple(self.inputs[0].shape[1:]), tf.float32)
+            data_batch = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+        return data_batch
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -326,9 +310,7 @@ def build_classifier(
     spec = backbones.get(backbone)
     image_size = image_size or spec.default_size
     if weights == "imagenet":
-        net = weights_lib.build_imagenet(
-            spec.builder, include_top=False, input_shape=(image_size, image_size, 3)
-        )
+        net = weights_lib.build_imagenet(backbone, image_size)
         preprocessing = spec.preprocessing
     else:
         net = backbones.build(backbone, image_size, weights=None)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_ft import compat
+
 
 @keras.saving.register_keras_serializable(package="keras_ft")
 class SGD(keras.optimizers.Optimizer):
@@ -32,6 +34,11 @@ class SGD(keras.optimizers.Optimizer):
         nesterov: use Nesterov's look-ahead step.
         weight_decay: λ, decoupled; applied to variables with 2 or more dims.
         **kwargs: passed to `keras.optimizers.Optimizer` (e.g. `clipnorm`).
+
+    Attributes:
+        learning_rate_schedule: the schedule (or callable) the learning rate
+            follows, None for a float learning rate; kept in step with the
+            `learning_rate` setter.
 
     Example:
 
@@ -63,11 +70,34 @@ class SGD(keras.optimizers.Optimizer):
         self.nesterov = bool(nesterov)
         self.decoupled_weight_decay = float(weight_decay)
         self._multipliers = {}  # variable index -> learning-rate multiplier
+        # Keras keeps a float learning rate in a variable, a schedule as an
+        # object it calls on `iterations`; `learning_rate` reads only the
+        # value now, so the schedule itself is kept here (None for a float).
+        self.learning_rate_schedule = None
+        self._record_schedule(learning_rate)
+
+    @property
+    def learning_rate(self):
+        return super().learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        keras.optimizers.Optimizer.learning_rate.fset(self, learning_rate)
+        self._record_schedule(learning_rate)
+
+    def _record_schedule(self, learning_rate) -> None:
+        # A float (or a value assigned to the float's variable) keeps None.
+        if callable(learning_rate) and not isinstance(learning_rate, keras.Variable):
+            self.learning_rate_schedule = learning_rate
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
+        # Paths in `build()`'s order: `set_lr_multipliers` maps them to the
+        # indices `update_step` finds variables by. Strings, so the optimizer
+        # does not track (or checkpoint) the model's variables.
+        self._variable_paths = [v.path for v in variables]
         # Multiplies the learning rate; set by the freezing stage schedule.
         # A variable, so changing it needs no retrace and is checkpointed.
         self.lr_scale = self.add_variable(
@@ -88,14 +118,14 @@ class SGD(keras.optimizers.Optimizer):
         """
         if not self.built:
             raise ValueError("Build the optimizer (compile the model) before setting multipliers.")
-        by_path = {v.path: i for i, v in enumerate(self._trainable_variables)}
+        by_path = {path: i for i, path in enumerate(self._variable_paths)}
         unknown = set(multipliers) - set(by_path)
         if unknown:
             raise ValueError(f"No optimizer variable for path(s): {sorted(unknown)[:5]}")
         self._multipliers = {by_path[p]: float(m) for p, m in multipliers.items() if m != 1.0}
 
     def update_step(self, gradient, variable, learning_rate):
-        multiplier = self._multipliers.get(self._get_variable_index(variable), 1.0)
+        multiplier = self._multipliers.get(compat.variable_index(self, variable), 1.0)
         lr = ops.cast(
             ops.multiply(ops.multiply(learning_rate, self.lr_scale), multiplier),
             variable.dtype,
@@ -108,7 +138,7 @@ class SGD(keras.optimizers.Optimizer):
             self.assign_sub(variable, ops.multiply(lr, g))
             return
         mu = ops.cast(self.momentum, variable.dtype)
-        v = self.momentums[self._get_variable_index(variable)]
+        v = self.momentums[compat.variable_index(self, variable)]
         self.assign(v, ops.add(ops.multiply(mu, v), g))
         step = ops.add(g, ops.multiply(mu, v)) if self.nesterov else v
         self.assign_sub(variable, ops.multiply(lr, step))

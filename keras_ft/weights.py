@@ -13,10 +13,12 @@ Three kinds of weights reach a backbone:
   ``sha256`` argument, else from the packaged manifest
   (``weights_manifest.json``, file name -> sha256); a file with neither is
   refused, and the error prints its digest so a user can check and pin it.
-* **ImageNet weights from Keras** (``build_imagenet``): Keras downloads them
-  into ``<KERAS_HOME>/models/`` (``KERAS_HOME`` defaults to ``~/.keras``).
-  Offline, the download error becomes a one-line ``WeightsError`` saying
-  where to place the file. Before Keras loads a cached file, its SHA-256 is
+* **ImageNet weights from Keras** (``build_imagenet``): the file the
+  ``keras.applications`` builder would download (``backbones.imagenet_file``)
+  is fetched with ``keras.utils.get_file`` into ``<KERAS_HOME>/models/``
+  (``KERAS_HOME`` defaults to ``~/.keras``) and given to the builder as a
+  local file. Offline, the download error becomes a one-line ``WeightsError``
+  saying where to place the file. Before the builder loads it, its SHA-256 is
   checked against the packaged manifest when the manifest knows the file name;
   otherwise it is checked trust-on-first-use: the first digest seen is
   recorded in ``<KERAS_HOME>/keras_ft_manifest.json`` and later loads must
@@ -33,21 +35,18 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
 import re
 import tempfile
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
 import keras
 
-from keras_ft import torch_legacy
+from keras_ft import backbones, torch_legacy
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ def load_weights(
     if weights is None:
         return None
     if isinstance(weights, str) and weights == "imagenet":
-        raise WeightsError("'imagenet' weights are applied while building: use build_imagenet(builder, ...)")
+        raise WeightsError("'imagenet' weights are applied while building: use build_imagenet(backbone, image_size)")
     if isinstance(weights, str) and weights in OFFLINE_SOURCES:
         return _load_offline_source(backbone, backbone_name, weights, sha256)
     return _load_local_file(backbone, backbone_name, os.fspath(weights), sha256)
@@ -377,12 +376,16 @@ def import_deep_sort_mobilenet_v2(backbone: keras.Model, state: Mapping[str, np.
 def keras_home() -> str:
     """Returns the Keras cache base directory, creating it.
 
-    ``KERAS_HOME`` is read at call time (Keras itself reads it once, at
-    import) so that both this module and the download use the same place.
+    Keras' own rule (``keras/src/backend/config.py``): ``KERAS_HOME`` if set,
+    else ``~/.keras``, or ``/tmp/.keras`` when the home directory is not
+    writable. Read at call time (Keras reads it once, at import); the
+    download is given this directory, so both agree.
     """
-    from keras.src.backend import config  # Keras' own default (~/.keras or /tmp/.keras).
-
-    home = os.path.expanduser(os.environ.get("KERAS_HOME") or config.keras_home())
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        user = os.path.expanduser("~")
+        home = os.path.join(user if os.access(user, os.W_OK) else "/tmp", ".keras")
+    home = os.path.expanduser(home)
     # get_file falls back to /tmp/.keras when the directory is not writable,
     # which includes "does not exist yet": create it so KERAS_HOME is honoured.
     with contextlib.suppress(OSError):
@@ -462,60 +465,66 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-@contextlib.contextmanager
-def _verified_downloads() -> Iterator[None]:
-    """Wraps Keras' ``get_file`` so that cached files are verified before loading.
+def fetch_imagenet(file: backbones.ImagenetFile) -> str:
+    """Downloads (or finds in the Keras cache) an ImageNet weights file and
+    checks it.
 
-    keras.applications call ``file_utils.get_file`` through the module, so
-    swapping the module attribute intercepts exactly those downloads, and the
-    digest is checked between download and ``load_weights``. Not thread-safe.
-    """
-    from keras.src.utils import file_utils
-
-    real_get_file = file_utils.get_file
-    signature = inspect.signature(real_get_file)
-
-    def checked_get_file(*args: Any, **kwargs: Any) -> str:
-        arguments = signature.bind(*args, **kwargs).arguments
-        origin = arguments.get("origin") or ""
-        fname = arguments.get("fname") or os.path.basename(urllib.parse.urlsplit(origin).path)
-        if arguments.get("cache_dir") is None:
-            arguments["cache_dir"] = keras_home()
-        base = _effective_base(arguments["cache_dir"])
-        target = os.path.join(base, arguments.get("cache_subdir", "datasets"), fname)
-        try:
-            path = real_get_file(**arguments)
-        except Exception as e:  # Keras raises a bare Exception for URL errors.
-            reason = _one_line(str(e).rsplit(" -- ", 1)[-1])
-            raise WeightsError(
-                f"could not download ImageNet weights {fname} from {origin} (offline? {reason}). "
-                f"Place the file at {target} and rerun"
-            ) from e
-        verify_cached_file(path, home=base)
-        return path
-
-    file_utils.get_file = checked_get_file
-    try:
-        yield
-    finally:
-        file_utils.get_file = real_get_file
-
-
-def build_imagenet(builder: Callable[..., keras.Model], **kwargs: Any) -> keras.Model:
-    """Builds a ``keras.applications`` model with verified ImageNet weights.
+    ``keras.utils.get_file`` stores it as ``<KERAS_HOME>/models/<fname>`` and
+    checks Keras' own hash; then its SHA-256 is checked (``verify_cached_file``)
+    before anything loads it.
 
     Args:
-        builder: E.g. ``keras.applications.MobileNetV2``.
-        **kwargs: Passed to the builder (``weights`` is forced to "imagenet").
+        file: the file, e.g. ``backbones.imagenet_file("resnet50", 224)``.
 
     Returns:
-        The model with ImageNet weights loaded.
+        The path of the verified file.
+
+    Raises:
+        WeightsError: One line, if the file cannot be downloaded (saying where
+            to place it) or its digest does not match.
+    """
+    home = keras_home()
+    base = _effective_base(home)
+    target = os.path.join(base, "models", file.fname)
+    try:
+        path = keras.utils.get_file(
+            file.fname,
+            file.origin,
+            file_hash=file.file_hash,
+            cache_subdir="models",
+            cache_dir=home,
+        )
+    except ValueError as e:  # Only the hash check raises it, the arguments are valid.
+        raise WeightsError(
+            f"ImageNet weights {target} do not match the hash Keras publishes for them "
+            f"({file.file_hash}): the download is corrupt or not the intended file; delete it and rerun"
+        ) from e
+    except Exception as e:  # Keras raises a bare Exception for URL errors.
+        reason = _one_line(str(e).rsplit(" -- ", 1)[-1])
+        raise WeightsError(
+            f"could not download ImageNet weights {file.fname} from {file.origin} (offline? {reason}). "
+            f"Place the file at {target} and rerun"
+        ) from e
+    verify_cached_file(path, home=base)
+    return path
+
+
+def build_imagenet(backbone: str, image_size: int) -> keras.Model:
+    """Builds a registry backbone (no top) with verified ImageNet weights.
+
+    The file ``keras.applications`` would download is fetched and checked
+    first (``fetch_imagenet``), then given to the builder as a local file.
+
+    Args:
+        backbone: registry name, see ``keras_ft.backbones.names()``.
+        image_size: input side.
+
+    Returns:
+        The backbone with ImageNet weights loaded.
 
     Raises:
         WeightsError: One line, if the file cannot be downloaded (saying where
             to place it) or its SHA-256 does not match.
     """
-    if kwargs.setdefault("weights", "imagenet") != "imagenet":
-        raise ValueError(f"build_imagenet builds with weights='imagenet', got weights={kwargs['weights']!r}")
-    with _verified_downloads():
-        return builder(**kwargs)
+    path = fetch_imagenet(backbones.imagenet_file(backbone, image_size))
+    return backbones.build(backbone, image_size, weights=path)

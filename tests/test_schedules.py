@@ -82,7 +82,7 @@ def test_json_round_trip(schedule):
     assert values(restored, steps) == values(schedule, steps)
     # Inside an optimizer's config too (what a .keras file holds).
     optimizer = keras_ft.SGD.from_config(json.loads(json.dumps(keras_ft.SGD(schedule).get_config())))
-    assert optimizer._learning_rate.get_config() == schedule.get_config()
+    assert optimizer.learning_rate_schedule.get_config() == schedule.get_config()
 
 
 def test_schedule_composes_with_stage_scale_and_block_multipliers():

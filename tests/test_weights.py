@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ft import torch_legacy, weights
+from keras_ft import backbones, torch_legacy, weights
 from keras_ft.weights import WeightsError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -238,20 +238,99 @@ def test_malformed_digest(tiny_model, tmp_path):
 
 
 def test_build_imagenet_offline_fails_fast(tmp_path, monkeypatch):
-    from keras.src.utils import file_utils
-
-    original = file_utils.get_file
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     start = time.monotonic()
     with pytest.raises(WeightsError) as error:
-        weights.build_imagenet(keras.applications.MobileNetV2, include_top=False, input_shape=(32, 32, 3))
+        weights.build_imagenet("mobilenet_v2", 32)
     elapsed = time.monotonic() - start
     message = _assert_one_line(error)
     assert elapsed < 30, elapsed
     assert IMAGENET_FILE in message
     assert os.path.join(str(tmp_path), "models", IMAGENET_FILE) in message
     assert "could not download ImageNet weights" in message
-    assert file_utils.get_file is original  # The wrapper is removed again.
+
+
+def _write_legacy_h5(model: keras.Model, path) -> None:
+    """Writes `model`'s weights in the legacy HDF5 layout of keras.applications'
+    ImageNet files: per layer with weights, a group whose `weight_names`
+    list its trainable then non-trainable arrays, in model order."""
+    import h5py
+
+    layers = [layer for layer in model.layers if layer.weights]
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [layer.name.encode() for layer in layers]
+        for layer in layers:
+            group = f.create_group(layer.name)
+            values = layer.trainable_weights + layer.non_trainable_weights
+            names = [f"w{i}".encode() for i in range(len(values))]
+            group.attrs["weight_names"] = names
+            for name, value in zip(names, values):
+                group.create_dataset(name.decode(), data=value.numpy())
+
+
+@pytest.fixture
+def imagenet_origin(tmp_path) -> tuple[str, keras.Model]:
+    """A local stand-in for MobileNetV2's ImageNet file: random MobileNetV2
+    weights in Keras' legacy layout behind a file:// URL, and their model."""
+    keras.utils.set_random_seed(3)
+    source = _mobilenet_v2(32)
+    served = tmp_path / "server" / IMAGENET_FILE
+    served.parent.mkdir()
+    _write_legacy_h5(source, served)
+    return served, source
+
+
+def test_imagenet_download_verified_then_loaded(tmp_path, monkeypatch, imagenet_origin):
+    """The real download route, offline: keras.utils.get_file fetches the file
+    into <KERAS_HOME>/models, its digest is recorded on first use, and the
+    builder loads exactly those weights; a changed cached file is refused."""
+    served, source = imagenet_origin
+    home = tmp_path / "home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    cached = weights.fetch_imagenet(backbones.ImagenetFile(served.as_uri(), None))
+    assert cached == str(home / "models" / IMAGENET_FILE)
+    digest = weights.sha256_file(cached)
+    assert json.loads((home / weights.TOFU_MANIFEST_NAME).read_text()) == {IMAGENET_FILE: digest}
+
+    # Now cached: the registry's https origin is not contacted.
+    net = weights.build_imagenet("mobilenet_v2", 32)
+    assert len(net.weights) == len(source.weights) > 100
+    for ours, theirs in zip(net.weights, source.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
+
+    with open(cached, "r+b") as f:  # one byte changed after first use
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(WeightsError) as error:
+        weights.build_imagenet("mobilenet_v2", 32)
+    message = _assert_one_line(error)
+    assert "SHA-256 mismatch" in message and cached in message and digest in message
+
+
+def test_imagenet_download_checked_against_keras_hash(tmp_path, monkeypatch, imagenet_origin):
+    served, _ = imagenet_origin
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    published = weights.sha256_file(served)
+    path = weights.fetch_imagenet(backbones.ImagenetFile(served.as_uri(), published))
+    assert weights.sha256_file(path) == published
+    os.remove(path)
+    with pytest.raises(WeightsError) as error:
+        weights.fetch_imagenet(backbones.ImagenetFile(served.as_uri(), "0" * 64))
+    message = _assert_one_line(error)
+    assert "do not match the hash Keras publishes" in message and IMAGENET_FILE in message
+
+
+def test_keras_home_follows_keras_rule(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "mine"))
+    assert weights.keras_home() == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+    monkeypatch.delenv("KERAS_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    (tmp_path / "user").mkdir()
+    assert weights.keras_home() == str(tmp_path / "user" / ".keras")
+    monkeypatch.setenv("HOME", str(tmp_path / "no_such_user"))  # not writable
+    assert weights.keras_home() == "/tmp/.keras"
 
 
 def test_tofu_records_then_refuses_tampering(tmp_path):
@@ -292,4 +371,4 @@ def test_build_imagenet_refuses_tampered_cache(tmp_path, monkeypatch):
     weights.verify_cached_file(cached, home=str(tmp_path))
     cached.write_bytes(b"second")
     with pytest.raises(WeightsError, match="SHA-256 mismatch"):
-        weights.build_imagenet(keras.applications.MobileNetV2, include_top=False, input_shape=(32, 32, 3))
+        weights.build_imagenet("mobilenet_v2", 32)
