@@ -52,11 +52,12 @@ def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["replicas"] == 2
 
     # Same global batch and seed: the same SGD steps, up to float summation
-    # order. Tolerance: 1e-5 absolute on every weight and optimizer slot.
+    # order. Tolerance: 1e-5 absolute, or 1e-6 relative for large values (a
+    # momentum slot of ~35 differs by float32 summation order alone).
     final = {name: checkpoint_variables(tmp_path / name, 6) for name in ("one", "two")}
     assert final["one"].keys() == final["two"].keys() and len(final["one"]) > 200
     for key, value in final["one"].items():
-        np.testing.assert_allclose(final["two"][key], value, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(final["two"][key], value, rtol=1e-6, atol=1e-5, err_msg=key)
     # The comparison is not vacuous: stage 2 moved the top blocks.
     first = checkpoint_variables(tmp_path / "one", 3)
     moved = [k for k in first if not np.array_equal(first[k], final["one"][k])]

@@ -78,10 +78,12 @@ def test_stage_variables_and_keras_flags_for_head_only():
 def test_block_lr_multipliers_scale_each_blocks_update():
     lr = 0.1
     model = make_model(lr=lr, momentum=0.0)
+    plain = make_model(lr=lr, momentum=0.0)  # the same weights, every multiplier 1
     names = [b for b, _ in backbones.block_map(model.backbone, "mobilenet_v2")]
     block_lr = stages.block_lr_multipliers(len(names), 0.5)
     block_lr[names.index("block_14")] = 0.0  # multiplier 0 freezes a block
     freezing.apply_stage(model, Stage(epochs=1, blocks=4), block_lr=block_lr)
+    freezing.apply_stage(plain, Stage(epochs=1, blocks=4))
     x, y = batch()
     variables = model.stage_variables()
     with tf.GradientTape() as tape:
@@ -89,9 +91,10 @@ def test_block_lr_multipliers_scale_each_blocks_update():
     grads = dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
     before = snapshot(model)
     model.train_on_batch(x, y)
+    plain.train_on_batch(x, y)
     blocks = block_of_variable(model)
     checked = set()
-    for v in model.weights:
+    for v, p in zip(model.weights, plain.weights):
         block = blocks.get(v.path, "head")
         delta = v.numpy() - before[v.path]
         if v.path not in grads:
@@ -99,13 +102,18 @@ def test_block_lr_multipliers_scale_each_blocks_update():
             continue
         g = grads[v.path].numpy()
         multiplier = 1.0 if block == "head" else block_lr[names.index(block)]
-        # θ_new - θ_old in float32 carries the rounding of θ, and the graph's
-        # gradient differs slightly from this eager one: compare the fitted
-        # step size tightly (multipliers differ by 2x) and elements loosely.
+        # Against an eager gradient (kernels that round differently; a ReLU6
+        # input at its clip point can flip): the fitted step size, within 1%
+        # (neighbouring blocks differ by 2x).
         fitted = float(np.sum(delta * g) / np.sum(g * g)) / -lr
-        assert fitted == pytest.approx(multiplier, rel=1e-3), (v.path, fitted, multiplier)
-        expected = -lr * multiplier * g
-        np.testing.assert_allclose(delta, expected, atol=0.02 * np.abs(expected).max())
+        assert fitted == pytest.approx(multiplier, rel=1e-2), (v.path, fitted, multiplier)
+        # Against the same step without multipliers (the same graph and
+        # gradients): every element, up to the rounding of θ in float32.
+        plain_delta = p.numpy() - before[v.path]
+        np.testing.assert_allclose(
+            delta, multiplier * plain_delta, rtol=1e-3,
+            atol=4 * np.finfo(np.float32).eps * np.abs(before[v.path]).max(), err_msg=v.path,
+        )
         checked.add(block)
     assert {"head", "block_15", "block_16", "Conv_1"} <= checked
     assert "block_14" not in checked
@@ -240,7 +248,9 @@ def test_l2sp_penalty_and_block_drift():
 
 def test_l2sp_pulls_toward_pretrained_weights():
     drifts = []
-    for alpha in (0.0, 50.0):
+    # lr x alpha = 0.5: the penalty's own step shrinks θ - θ0 (above 2(1 + μ),
+    # heavy-ball SGD on it would oscillate and grow instead).
+    for alpha in (0.0, 10.0):
         model = make_model(lr=0.05)
         model.snapshot_reference()
         model.l2sp_alpha = alpha
@@ -252,7 +262,7 @@ def test_l2sp_pulls_toward_pretrained_weights():
             float(np.sum((v.numpy() - model.reference_of(v).numpy()) ** 2))
             for v in model.backbone.weights if model.reference_of(v) is not None
         ))
-    assert drifts[1] < 0.5 * drifts[0]
+    assert drifts[1] < 0.5 * drifts[0], drifts
 
 
 def test_schedule_alongside_keras_callbacks_and_keras_file_roundtrip(tmp_path):
