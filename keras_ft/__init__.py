@@ -3,7 +3,7 @@
 from keras_ft import augment, backbones, callbacks, checkpoint, data, export, freezing
 from keras_ft import lr_finder, optim, recipe, report, schedules, sources, spec, stages
 from keras_ft import tasks, validate, workdir
-from keras_ft.model import Classifier, build_classifier
+from keras_ft.model import Classifier, FineTuneModel, build_classifier
 from keras_ft.optim import SGD
 
 __version__ = "0.1.0"

@@ -1,10 +1,15 @@
-"""The classifier: a pretrained backbone, pooling, dropout and a new head.
+"""Models that fine-tune: a pretrained backbone with a new head.
 
-`Classifier` is a functional `keras.Model` whose `train_step` computes the loss
-under `tf.GradientTape`, takes gradients only for the variables that are
-trainable now, and hands them to the optimizer (`keras_ft.optim.SGD`: the SGD
-update written out). `compile()`, metrics, callbacks and `fit()` work as in
-any Keras model.
+`FineTuneModel` is what every task's model shares: a functional
+`keras.Model` whose `train_step` computes the loss under `tf.GradientTape`,
+takes gradients only for the variables the current freezing stage trains,
+adds the L2-SP penalty, and hands them to the optimizer
+(`keras_ft.optim.SGD`: the SGD update written out). `compile()`, metrics,
+callbacks and `fit()` work as in any Keras model.
+
+`Classifier` is image classification's: backbone, pooling, dropout and a
+new `Dense` head. Another task's model subclasses `FineTuneModel` with its
+own head (see docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -18,68 +23,27 @@ from keras_ft import backbones, compat
 from keras_ft import weights as weights_lib
 
 
-@keras.saving.register_keras_serializable(package="keras_ft")
-class Classifier(compat.LocalBatchBuild, keras.Model):
-    """Backbone + global average pooling + dropout + `Dense(num_classes)`.
+class FineTuneModel(compat.LocalBatchBuild, keras.Model):
+    """A functional model of a backbone and a new head, fine-tuned by stages.
 
-    Inputs are float RGB images in [0, 255] of shape `(N, S, S, 3)`; the
-    backbone's own preprocessing runs inside the model (a `Preprocess` layer),
-    so an export carries it. Outputs are logits.
+    Subclasses build their graph with `super().__init__(inputs=..., outputs=...)`
+    and then call `start_finetuning(backbone)`. What they share:
 
-    Args:
-        backbone: a `keras.Model` without its top, e.g. from
-            `keras_ft.backbones.build`.
-        num_classes: width of the new head.
-        preprocessing: `Preprocess` mode for the weights the backbone holds.
-        dropout: dropout rate before the head.
-        backbone_name: registry name of the backbone, kept for the config.
-        class_names: optional names of the classes, in label order.
-
-    Example:
-
-    ```python
-    backbone = keras_ft.backbones.build("mobilenet_v2", image_size=32)
-    model = keras_ft.Classifier(backbone, num_classes=3,
-                                preprocessing="tf", backbone_name="mobilenet_v2")
-    model.compile(optimizer=keras_ft.optim.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    model.fit(images, labels, epochs=1)
-    ```
+    * the variable sets of the freezing stages (`tunable_variables`,
+      `set_stage_variables`, `stage_variables`), which `keras_ft.freezing`
+      sets and the train step reads;
+    * the reference weights θ0 (`snapshot_reference`) for L2-SP
+      (`l2sp_alpha`) and the per-block drift report;
+    * `compile()` building the optimizer over every tunable variable once,
+      so a stage change keeps momentum;
+    * `train_step` and `test_step` (through `predict_logits`, which a
+      subclass may override, e.g. to take cached features).
     """
 
-    def __init__(
-        self,
-        backbone: keras.Model,
-        num_classes: int,
-        preprocessing: str = "none",
-        dropout: float = 0.2,
-        backbone_name: str | None = None,
-        class_names: Sequence[str] | None = None,
-        **kwargs,
-    ):
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
-                f"{len(class_names)} class names given for num_classes={num_classes}."
-            )
-        image_shape = tuple(backbone.input_shape[1:])
-        inputs = keras.Input(shape=image_shape, name="images")
-        x = backbones.Preprocess(preprocessing, name="preprocess")(inputs)
-        x = backbone(x)
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-        # float32 logits (and so loss) under a mixed precision policy.
-        outputs = keras.layers.Dense(num_classes, name="head", dtype="float32")(x)
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-
+    def start_finetuning(self, backbone: keras.Model) -> None:
+        """Records the backbone and the variables stages may train; call once,
+        right after the functional `__init__`."""
         self.backbone = backbone
-        self.num_classes = num_classes
-        self.preprocessing = preprocessing
-        self.dropout = dropout
-        self.backbone_name = backbone_name
-        self.class_names = list(class_names) if class_names else None
         # Every variable that some stage may train: the optimizer is built over
         # all of them once, so a stage change keeps the slots of variables that
         # were already training. Paths, not variables, to avoid re-tracking.
@@ -90,14 +54,6 @@ class Classifier(compat.LocalBatchBuild, keras.Model):
         self._stage_paths = None
         self.l2sp_alpha = 0.0
         self._reference = None  # pretrained weights, for L2-SP and drift
-
-    @property
-    def image_size(self) -> int:
-        return int(self.input_shape[1])
-
-    @property
-    def head(self) -> keras.layers.Dense:
-        return self.get_layer("head")
 
     def tunable_variables(self) -> list:
         """All variables that any freezing stage may train, in model order."""
@@ -178,21 +134,8 @@ class Classifier(compat.LocalBatchBuild, keras.Model):
         # only adds the optimizer build, so loading compiles as usual.
         self.compile(**keras.saving.deserialize_keras_object(config))
 
-    def feature_extractor(self) -> keras.Model:
-        """Images -> pooled backbone features (what `classify_features` takes),
-        sharing this model's layers and weights."""
-        return keras.Model(self.inputs, self.get_layer("pool").output)
-
-    def classify_features(self, features, training=False):
-        """Logits from pooled backbone features: the layers after pooling."""
-        return self.head(self.get_layer("dropout")(features, training=training))
-
-    def _logits(self, x, training):
-        # A batch of pooled features [N, D] (keras_ft.features' cache) skips
-        # the backbone; images [N, H, W, 3] take the whole model.
-        shape = x.shape  # a TensorShape (maybe of unknown rank) or a tuple
-        if (shape.rank if isinstance(shape, tf.TensorShape) else len(shape)) == 2:
-            return self.classify_features(x, training=training)
+    def predict_logits(self, x, training):
+        """The model's output for a batch (the train and test steps' forward)."""
         return self(x, training=training)
 
     def train_step(self, data):
@@ -204,7 +147,7 @@ class Classifier(compat.LocalBatchBuild, keras.Model):
         tf_variables = [v.value for v in variables]  # the backing tf.Variables
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(tf_variables)
-            y_pred = self._logits(x, training=True)
+            y_pred = self.predict_logits(x, training=True)
             # Keras losses divide the batch mean by the number of replicas in
             # sync, as the optimizer sums gradients over replicas.
             loss = self.compute_loss(
@@ -222,20 +165,9 @@ class Classifier(compat.LocalBatchBuild, keras.Model):
             self.optimizer.apply(grads, variables)
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
-    def _batch_for_build(self, data_batch):
-        # Keras builds the compiled loss and metrics from a first batch (see
-        # `compat.LocalBatchBuild`, which also keeps that build working under
-        # MultiWorkerMirroredStrategy).
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
-        if len(x.shape) == 2:  # cached features (keras_ft.features): build
-            # as for the images they came from; only shapes are read.
-            x = tf.TensorSpec((x.shape[0],) + tuple(self.inputs[0].shape[1:]), tf.float32)
-            data_batch = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
-        return data_batch
-
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred = self._logits(x, training=False)
+        y_pred = self.predict_logits(x, training=False)
         loss = self.compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
@@ -257,6 +189,106 @@ class Classifier(compat.LocalBatchBuild, keras.Model):
             # are read from the metrics themselves, summed over all workers.)
             logs = {k: tf.reshape(v, [1]) for k, v in logs.items()}
         return logs
+
+
+@keras.saving.register_keras_serializable(package="keras_ft")
+class Classifier(FineTuneModel):
+    """Backbone + global average pooling + dropout + `Dense(num_classes)`.
+
+    Inputs are float RGB images in [0, 255] of shape `(N, S, S, 3)`; the
+    backbone's own preprocessing runs inside the model (a `Preprocess` layer),
+    so an export carries it. Outputs are logits.
+
+    Args:
+        backbone: a `keras.Model` without its top, e.g. from
+            `keras_ft.backbones.build`.
+        num_classes: width of the new head.
+        preprocessing: `Preprocess` mode for the weights the backbone holds.
+        dropout: dropout rate before the head.
+        backbone_name: registry name of the backbone, kept for the config.
+        class_names: optional names of the classes, in label order.
+
+    Example:
+
+    ```python
+    backbone = keras_ft.backbones.build("mobilenet_v2", image_size=32)
+    model = keras_ft.Classifier(backbone, num_classes=3,
+                                preprocessing="tf", backbone_name="mobilenet_v2")
+    model.compile(optimizer=keras_ft.optim.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(images, labels, epochs=1)
+    ```
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        num_classes: int,
+        preprocessing: str = "none",
+        dropout: float = 0.2,
+        backbone_name: str | None = None,
+        class_names: Sequence[str] | None = None,
+        **kwargs,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names given for num_classes={num_classes}."
+            )
+        image_shape = tuple(backbone.input_shape[1:])
+        inputs = keras.Input(shape=image_shape, name="images")
+        x = backbones.Preprocess(preprocessing, name="preprocess")(inputs)
+        x = backbone(x)
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        # float32 logits (and so loss) under a mixed precision policy.
+        outputs = keras.layers.Dense(num_classes, name="head", dtype="float32")(x)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        self.num_classes = num_classes
+        self.preprocessing = preprocessing
+        self.dropout = dropout
+        self.backbone_name = backbone_name
+        self.class_names = list(class_names) if class_names else None
+        self.start_finetuning(backbone)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.input_shape[1])
+
+    @property
+    def head(self) -> keras.layers.Dense:
+        return self.get_layer("head")
+
+    def feature_extractor(self) -> keras.Model:
+        """Images -> pooled backbone features (what `classify_features` takes),
+        sharing this model's layers and weights."""
+        return keras.Model(self.inputs, self.get_layer("pool").output)
+
+    def classify_features(self, features, training=False):
+        """Logits from pooled backbone features: the layers after pooling."""
+        return self.head(self.get_layer("dropout")(features, training=training))
+
+    def predict_logits(self, x, training):
+        # A batch of pooled features [N, D] (keras_ft.features' cache) skips
+        # the backbone; images [N, H, W, 3] take the whole model.
+        shape = x.shape  # a TensorShape (maybe of unknown rank) or a tuple
+        if (shape.rank if isinstance(shape, tf.TensorShape) else len(shape)) == 2:
+            return self.classify_features(x, training=training)
+        return self(x, training=training)
+
+    def _batch_for_build(self, data_batch):
+        # Keras builds the compiled loss and metrics from a first batch (see
+        # `compat.LocalBatchBuild`, which also keeps that build working under
+        # MultiWorkerMirroredStrategy).
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data_batch)
+        if len(x.shape) == 2:  # cached features (keras_ft.features): build
+            # as for the images they came from; only shapes are read.
+            x = tf.TensorSpec((x.shape[0],) + tuple(self.inputs[0].shape[1:]), tf.float32)
+            data_batch = keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+        return data_batch
 
     def get_config(self):
         # Rebuilt from the registry with random weights; load the weights
