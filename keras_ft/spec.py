@@ -236,7 +236,11 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     o = c.optimizer
     rate = o.learning_rate
     if rate != "auto":
-        rate = checks.number(rate, "optimizer.learning_rate", 0, open_low=True, note=" or 'auto'")
+        if not (checks.is_number(rate) and rate > 0):
+            raise ValueError(
+                f"optimizer.learning_rate must be a positive number or 'auto', got {rate!r}."
+            )
+        rate = float(rate)
     accumulation = checks.integer(o.accumulation_steps, "optimizer.accumulation_steps", 1)
     scaling = checks.choice(o.lr_scaling, "optimizer.lr_scaling", LR_SCALING)
     base_batch = checks.integer(o.lr_base_batch_size, "optimizer.lr_base_batch_size", 1)

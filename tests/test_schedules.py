@@ -139,7 +139,7 @@ def test_spec_schedule_for_auto_and_found_rate():
     [
         (
             dict(learning_rate="atuo"),
-            "optimizer.learning_rate must be a number > 0 or 'auto', got 'atuo'",
+            "optimizer.learning_rate must be a positive number or 'auto', got 'atuo'",
         ),
         (dict(learning_rate=-0.1), "got -0.1"),
         (dict(learning_rate=True), "got True"),
