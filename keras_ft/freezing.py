@@ -102,10 +102,10 @@ def apply_stage(
     bn_policy: str = "frozen",
     block_lr: Sequence[float] | None = None,
 ) -> StageInfo:
-    """Makes `model` (a `keras_ft.Classifier`) train what `stage` says.
+    """Makes `model` (a `keras_ft.model.FineTuneModel`) train what `stage` says.
 
     Args:
-        model: the classifier.
+        model: the model: its backbone's blocks by `stage`, its head always.
         stage: which blocks train, and the stage's learning-rate scale (set on
             the optimizer, if it is built).
         method: one of `METHODS`.
@@ -139,8 +139,7 @@ def apply_stage(
                 if v.trainable:
                     chosen.append(v)
                     multipliers[v.path] = multiplier
-    head = [v for v in model.head.weights]
-    chosen += head
+    chosen += model.head_variables()
     model.set_stage_variables(chosen)
     optimizer = optim.unwrap(getattr(model, "optimizer", None))  # None before compile()
     if optimizer is not None and optimizer.built:
@@ -189,7 +188,6 @@ def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
     if not bn_layers:
         return 0
     saved = [(l.trainable, l.momentum) for l in bn_layers]
-    preprocess = model.get_layer("preprocess")
     seen = 0
     try:
         for l in bn_layers:
@@ -197,7 +195,7 @@ def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
         for images, _ in dataset.take(num_batches):
             for l in bn_layers:  # running mean over batches: m_k = k/(k+1)
                 l.momentum = seen / (seen + 1)
-            model.backbone(preprocess(images), training=True)
+            model.backbone(model.backbone_inputs(images), training=True)
             seen += 1
     finally:
         for l, (trainable, momentum) in zip(bn_layers, saved):

@@ -40,10 +40,22 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
       subclass may override, e.g. to take cached features).
     """
 
-    def start_finetuning(self, backbone: keras.Model) -> None:
-        """Records the backbone and the variables stages may train; call once,
-        right after the functional `__init__`."""
+    def start_finetuning(
+        self, backbone: keras.Model, backbone_name: str | None, preprocess=None
+    ) -> None:
+        """Records what fine-tuning needs to know; call once, right after the
+        functional `__init__`.
+
+        Args:
+            backbone: the backbone, a nested `keras.Model` of this model.
+            backbone_name: its registry name, which names its block map.
+            preprocess: the layer of this model between its input and the
+                backbone (the backbone's preprocessing), or None if the
+                backbone takes the model's input as it is.
+        """
         self.backbone = backbone
+        self.backbone_name = backbone_name
+        self._preprocess = preprocess
         # Every variable that some stage may train: the optimizer is built over
         # all of them once, so a stage change keeps the slots of variables that
         # were already training. Paths, not variables, to avoid re-tracking.
@@ -54,6 +66,17 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
         self._stage_paths = None
         self.l2sp_alpha = 0.0
         self._reference = None  # pretrained weights, for L2-SP and drift
+
+    def backbone_inputs(self, x):
+        """What the backbone sees for the model's input `x` (e.g. to run the
+        backbone alone, as BatchNorm re-estimation does)."""
+        return x if self._preprocess is None else self._preprocess(x)
+
+    def head_variables(self) -> list:
+        """The new head's variables (every tunable one outside the backbone):
+        they train in every stage."""
+        backbone = {v.path for v in self.backbone.weights}
+        return [v for v in self.tunable_variables() if v.path not in backbone]
 
     def tunable_variables(self) -> list:
         """All variables that any freezing stage may train, in model order."""
@@ -239,8 +262,8 @@ class Classifier(FineTuneModel):
             )
         image_shape = tuple(backbone.input_shape[1:])
         inputs = keras.Input(shape=image_shape, name="images")
-        x = backbones.Preprocess(preprocessing, name="preprocess")(inputs)
-        x = backbone(x)
+        preprocess = backbones.Preprocess(preprocessing, name="preprocess")
+        x = backbone(preprocess(inputs))
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
         x = keras.layers.Dropout(dropout, name="dropout")(x)
         # float32 logits (and so loss) under a mixed precision policy.
@@ -250,9 +273,8 @@ class Classifier(FineTuneModel):
         self.num_classes = num_classes
         self.preprocessing = preprocessing
         self.dropout = dropout
-        self.backbone_name = backbone_name
         self.class_names = list(class_names) if class_names else None
-        self.start_finetuning(backbone)
+        self.start_finetuning(backbone, backbone_name, preprocess)
 
     @property
     def image_size(self) -> int:

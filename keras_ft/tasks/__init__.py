@@ -16,6 +16,20 @@ def names() -> tuple[str, ...]:
     return tuple(_TASKS)
 
 
+def register(task: type[Task]) -> type[Task]:
+    """Lists a `Task` subclass under its `name` (usable as a class decorator).
+
+    A task of keras_ft's own is listed here in this module; a user's own task
+    may be registered from their code before `trainer.train` runs.
+    """
+    if not (isinstance(task, type) and issubclass(task, Task)) or not task.name:
+        raise ValueError(f"{task!r} is not a Task subclass with a name.")
+    if task.name in _TASKS and _TASKS[task.name] is not task:
+        raise ValueError(f"A task named {task.name!r} is registered already.")
+    _TASKS[task.name] = task
+    return task
+
+
 def get(name: str) -> Task:
     """The task called `name`."""
     if name not in _TASKS:
