@@ -22,4 +22,10 @@ def get_config(arg=None):
         dict(epochs=1, blocks=0),  # head only
         dict(epochs=1, blocks=2, lr_scale=0.5),  # then the top two blocks
     )
+    # Random-init BatchNorm statistics (mean 0, variance 1) make the random
+    # backbone attenuate every image to features of ~1e-12: the logits would
+    # not depend on the image, and a wrong gradient, crop replay or export
+    # resize would go unseen. Statistics from the training images give
+    # features of order 1.
+    config.freeze.batchnorm = "reestimate"
     return config

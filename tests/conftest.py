@@ -4,6 +4,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -58,3 +59,47 @@ def error_line(result):
     lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-3000:]
     return lines[0]
+
+
+# ------------------------------------------------- a tiny model that sees images
+
+
+def assert_depends_on_images(outputs, at_least=0.05):
+    """Per-image outputs `[N, C]` differ materially from image to image.
+
+    A random-init MobileNetV2 with its BatchNorm statistics as initialised
+    (mean 0, variance 1) attenuates every image to pooled features of ~1e-12:
+    its outputs are the head's bias whatever the image, and a test on them
+    cannot tell a right gradient, resize or replay from a wrong one. Every
+    fixture that stands for "a model" checks this, so none can silently
+    become image-blind again.
+    """
+    outputs = np.asarray(outputs, np.float64)
+    spread = outputs.std(axis=0).max()  # across images, the most varying output
+    assert spread > at_least, f"outputs barely depend on the image: std {spread:.3g}"
+    return spread
+
+
+def noise_images(n, size=32, seed=0):
+    """`n` seeded uniform-noise float32 images in [0, 255]."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+
+
+def tiny_classifier(num_classes=3, seed=0, **kwargs):
+    """`keras_ft.build_classifier("mobilenet_v2", ...)` at 32 px, random init,
+    with BatchNorm statistics re-estimated on 4 batches of seeded noise.
+
+    Its logits vary from image to image by ~1-2 (checked here, on images it
+    was not re-estimated on): what the mechanics tests need. `kwargs` go to
+    `build_classifier` (`dropout`, `class_names`).
+    """
+    from keras_ft import build_classifier, freezing
+
+    keras.utils.set_random_seed(seed)
+    model = build_classifier("mobilenet_v2", num_classes, image_size=32, **kwargs)
+    x = noise_images(32, seed=seed + 1000)
+    batches = tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x), np.int32))).batch(8)
+    assert freezing.reestimate_batchnorm(model, batches, num_batches=4) == 4
+    assert_depends_on_images(model(noise_images(8, seed=seed + 2000), training=False), at_least=0.3)
+    return model

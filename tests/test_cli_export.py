@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from conftest import REPO, write_image_folder
-from conftest import run_train
+from conftest import REPO, assert_depends_on_images, run_train, write_image_folder
+from keras_ft import export
 
 
 def run_module(module, *args):
@@ -50,18 +51,44 @@ def test_export_predict_evaluate(tmp_path):
     classes = {"dark": 10, "light": 10}
     images = write_image_folder(tmp_path / "images", classes)
     workdir = tmp_path / "run"
-    trained = run_train(workdir, f"--config.data.source=folder:{images}")
+    # A policy that crops: the TFLite model takes images the caller sized,
+    # the SavedModel sizes them itself; both must agree on the crop. At the
+    # tiny config's rate 0.01 this run diverges (every probability 0 or 1,
+    # on which any two models agree); at 0.001 it trains.
+    trained = run_train(
+        workdir, f"--config.data.source=folder:{images}", "--config.data.resize=resize_then_crop",
+        "--config.optimizer.learning_rate=0.001",
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Re-estimated BatchNorm statistics on 4 training batches" in trained.stderr
     export_dir = workdir / "export"
 
     # ------------------------------------------------------------ export
     exported = run_module("launch.export", f"--workdir={workdir}", "--tflite")
-    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert exported.returncode == 0, exported.stderr[-3000:] + exported.stdout
     assert {"saved_model.pb", "model.tflite", "labels.txt"} <= set(os.listdir(export_dir))
     assert not [n for n in os.listdir(workdir) if n.startswith(".")]  # no temporary leftovers
     assert (export_dir / "labels.txt").read_text().split() == ["dark", "light"]
-    parity = re.search(r"TFLite parity: max \|probability difference\| (\S+)", exported.stdout)
+    parity = re.search(
+        r"TFLite parity: max \|probability difference\| (\S+) on 4 validation images",
+        exported.stdout,
+    )
     assert parity and float(parity.group(1)) <= 1e-4, exported.stdout
+    # The same, apart from launch.export: squares of 37 px (32 / 0.875)
+    # served, their central 32 x 32 (cropped here by index) to TFLite, on
+    # outputs that differ from image to image (a parity of constants would
+    # hold whatever either model did to the pixels).
+    files = sorted(str(p) for p in (tmp_path / "images").glob("*/*"))
+    squares = np.stack([
+        tf.cast(tf.round(tf.image.resize(tf.io.decode_image(tf.io.read_file(f), channels=3),
+                                         (37, 37), antialias=True)), tf.uint8).numpy()
+        for f in files
+    ])
+    served = tf.saved_model.load(str(export_dir)).signatures["serving_uint8"]
+    expected = served(images=tf.constant(squares))["probabilities"].numpy()
+    assert_depends_on_images(expected, at_least=0.01)
+    tflite = export.run_tflite(str(export_dir / "model.tflite"), squares[:, 2:34, 2:34])
+    np.testing.assert_allclose(tflite, expected, atol=export.TFLITE_TOLERANCE)
 
     cli = run_module("tensorflow.python.tools.saved_model_cli", "show", "--dir", export_dir, "--all")
     assert cli.returncode == 0, cli.stderr[-3000:]

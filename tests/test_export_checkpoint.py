@@ -8,15 +8,53 @@ import pytest
 import tensorflow as tf
 
 import keras_ft
+from conftest import assert_depends_on_images, tiny_classifier
 from keras_ft import checkpoint, data, export, preemption
 
 
 @pytest.fixture(scope="module")
 def model():
-    keras.utils.set_random_seed(0)
-    m = keras_ft.build_classifier("mobilenet_v2", 3, image_size=32, class_names=["a", "b", "c"])
+    """MobileNetV2 at 32 px whose probabilities vary from image to image."""
+    m = tiny_classifier(3, class_names=["a", "b", "c"])
     m.compile(keras_ft.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return m
+
+
+def sized_by_hand(batch, size, policy):
+    """What `policy` makes of uint8 `[N, H, W, 3]`, written out apart from
+    `data.resize_image` (configs/base.py, `data.resize`): bilinear resizes
+    with antialiasing, clipped to [0, 255]; crops and pads by index."""
+    _, h, w, _ = batch.shape
+
+    def resize(x, height, width):
+        x = tf.image.resize(x.astype(np.float32), (height, width), method="bilinear", antialias=True)
+        return np.clip(x.numpy(), 0.0, 255.0)
+
+    if policy == "resize":  # the whole image, squeezed
+        return resize(batch, size, size)
+    if policy == "center_crop":  # the largest centered square, resized
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return resize(batch[:, top:top + side, left:left + side], size, size)
+    if policy == "resize_then_crop":  # short side to size / 0.875, then the center
+        scale = round(size / 0.875) / min(h, w)
+        height, width = round(h * scale), round(w * scale)
+        top, left = (height - size) // 2, (width - size) // 2
+        return resize(batch, height, width)[:, top:top + size, left:left + size]
+    assert policy == "pad"  # long side to size, centered on black
+    height, width = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+    out = np.zeros((len(batch), size, size, 3), np.float32)
+    top, left = (size - height) // 2, (size - width) // 2
+    out[:, top:top + height, left:left + width] = resize(batch, height, width)
+    return out
+
+
+def probabilities(model, images):
+    """Softmax of the model's logits, computed in a graph as the export runs
+    it (eager kernels differ by ~1e-5 on MobileNetV2)."""
+    return tf.function(lambda x: tf.nn.softmax(model(x, training=False)))(
+        tf.constant(images, tf.float32)
+    ).numpy()
 
 
 def test_export_matches_model_on_bytes_and_uint8_of_any_size(tmp_path, model):
@@ -24,8 +62,9 @@ def test_export_matches_model_on_bytes_and_uint8_of_any_size(tmp_path, model):
     served = tf.saved_model.load(path)
     rng = np.random.default_rng(0)
     for h, w in [(32, 32), (50, 21), (7, 90)]:
-        batch = rng.integers(0, 256, (3, h, w, 3)).astype(np.uint8)
-        expected = tf.nn.softmax(model(data.resize_image(batch, 32), training=False)).numpy()
+        batch = rng.integers(0, 256, (6, h, w, 3)).astype(np.uint8)
+        expected = probabilities(model, sized_by_hand(batch, 32, "resize"))
+        assert_depends_on_images(expected, at_least=0.02)  # or parity would mean nothing
         out = served.signatures["serving_uint8"](images=tf.constant(batch))
         np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
         names = np.array([b"a", b"b", b"c"])[expected.argmax(axis=1)]
@@ -40,15 +79,16 @@ def test_export_matches_model_on_bytes_and_uint8_of_any_size(tmp_path, model):
 
 @pytest.fixture(scope="module")
 def pixel_model():
-    """A small model whose output moves with every pixel. (A random-init
-    MobileNetV2's features vanish, ~1e-12: its outputs are all 1/3 and
-    would not tell one resize from another.)"""
+    """A small model whose output moves with every pixel (and exports in a
+    second, where MobileNetV2 takes ten: one export per policy)."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 255)(inputs)
     x = keras.layers.Conv2D(4, 4, strides=4)(x)
     outputs = keras.layers.Dense(3)(keras.layers.Flatten()(x))
-    return keras.Model(inputs, outputs)
+    m = keras.Model(inputs, outputs)
+    assert_depends_on_images(m(np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3))))
+    return m
 
 
 @pytest.mark.parametrize("policy", data.RESIZE_POLICIES)
@@ -57,16 +97,20 @@ def test_export_sizes_images_with_the_runs_resize_policy(tmp_path, pixel_model, 
     path = export.export_saved_model(model, str(tmp_path / "export"), "abc", 32, resize=policy)
     served = tf.saved_model.load(path)
     rng = np.random.default_rng(1)
-    for h, w in [(50, 21), (7, 90)]:
-        batch = rng.integers(0, 256, (2, h, w, 3)).astype(np.uint8)
-        expected = tf.nn.softmax(model(data.resize_image(batch, 32, policy), training=False))
+    for h, w in [(50, 21), (12, 45), (64, 40)]:  # (64, 40): every policy shrinks it
+        batch = rng.integers(0, 256, (4, h, w, 3)).astype(np.uint8)
+        sized = sized_by_hand(batch, 32, policy)
+        # Training and evaluation size images with the same function.
+        np.testing.assert_allclose(data.resize_image(batch, 32, policy).numpy(), sized, atol=1e-3)
+        expected = probabilities(model, sized)
+        assert_depends_on_images(expected, at_least=0.01)
         out = served.signatures["serving_uint8"](images=tf.constant(batch))
-        np.testing.assert_allclose(out["probabilities"].numpy(), expected.numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
         pngs = tf.stack([tf.io.encode_png(image) for image in batch])
         out = served.signatures["serving_default"](images=pngs)
-        np.testing.assert_allclose(out["probabilities"].numpy(), expected.numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-5)
         if policy != "resize":  # not what the default gives: the policy is in the graph
-            plain = tf.nn.softmax(model(data.resize_image(batch, 32), training=False)).numpy()
+            plain = probabilities(model, sized_by_hand(batch, 32, "resize"))
             assert np.abs(out["probabilities"].numpy() - plain).max() > 1e-2
 
 
