@@ -261,5 +261,5 @@ def test_train_with_a_number_and_with_a_typo(tmp_path, images):
     typo = run_train(tmp_path / "typo", *common, "--config.optimizer.learning_rate=atuo")
     assert typo.returncode == 2
     assert error_line(typo) == (
-        "error: optimizer.learning_rate must be a positive number or 'auto', got 'atuo'."
+        "error: optimizer.learning_rate must be a number > 0 or 'auto', got 'atuo'."
     )

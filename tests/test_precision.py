@@ -137,7 +137,8 @@ def test_linear_lr_scaling():
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.train.precision=float16", "train.precision must be one of float32, "),
+    ("--config.train.precision=float16",
+     "Unknown train.precision 'float16'. Choose one of: float32, mixed_float16, mixed_bfloat16."),
     ("--config.train.jit_compile=yes", "train.jit_compile must be True, False or 'auto'"),
 ])
 def test_bad_precision_flags(tmp_path, images, flag, message):
