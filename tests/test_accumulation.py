@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import keras_ft
-from conftest import error_line, run_train
 from keras_ft import freezing
+from runs import start_train, tiny_config, train_error
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -51,11 +51,14 @@ def test_accumulated_micro_batches_equal_the_big_batch():
 def test_train_with_accumulation_counts_updates_and_checks_the_epoch(tmp_path, images):
     common = [f"--config.data.source=folder:{images}", "--config.export.enabled=False",
               "--config.optimizer.accumulation_steps=2"]
-    result = run_train(tmp_path / "run", *common, "--config.train.steps_per_epoch=4")
+    with start_train(tmp_path / "run", *common, "--config.train.steps_per_epoch=4") as launch:
+        # Meanwhile, in-process: configs/tiny.py's 3 steps per epoch are refused (exit 2).
+        config = tiny_config({"data.source": f"folder:{images}", "export.enabled": False,
+                              "optimizer.accumulation_steps": 2})
+        bad = train_error(config, tmp_path / "bad")
+        assert "accumulation_steps=2 must divide the 3 steps per epoch" in bad
+        result = launch.result()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "one update per 2 batches of 4 (effective batch 8)" in result.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4  # 2 epochs x 4 batches, one update per 2
-    bad = run_train(tmp_path / "bad", *common)  # configs/tiny.py: 3 steps per epoch
-    assert bad.returncode == 2
-    assert "accumulation_steps=2 must divide the 3 steps per epoch" in error_line(bad)

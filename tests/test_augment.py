@@ -189,11 +189,11 @@ def test_launch_train_evaluate_and_export_use_the_runs_policy_and_augmentation(t
     features (a random-init MobileNetV2's outputs do not depend on the
     image, so they could not tell one resize from another)."""
     import json
-    import subprocess
     import sys
 
-    from conftest import REPO, run_train
+    from conftest import run_train
     from keras_ft import job
+    from runs import Launch
 
     workdir = tmp_path / "run"
     result = run_train(
@@ -215,32 +215,32 @@ def test_launch_train_evaluate_and_export_use_the_runs_policy_and_augmentation(t
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert np.isfinite(metrics["val_loss"]) and metrics["steps"] == 6
 
-    # The export sizes images as training did.
-    model, _, _ = job.load_trained(str(workdir))
-    served = tf.saved_model.load(str(workdir / "export"))
-    batch = np.random.default_rng(0).integers(0, 256, (2, 40, 70, 3)).astype(np.uint8)
-    out = served.signatures["serving_uint8"](images=tf.constant(batch))["probabilities"].numpy()
-    expected = tf.nn.softmax(model(data.resize_image(batch, 33, "resize_then_crop"))).numpy()
-    np.testing.assert_allclose(out, expected, atol=1e-5)
-    plain = tf.nn.softmax(model(data.resize_image(batch, 33))).numpy()
-    assert np.abs(out - plain).max() > 1e-4
+    # launch.evaluate (it writes report/ only) runs while the export is
+    # checked here; launch.export (it rewrites export/) after that.
+    evaluate = [sys.executable, "-m", "launch.evaluate", f"--workdir={workdir}"]
+    with Launch(evaluate) as evaluation:
+        # The export sizes images as training did.
+        model, _, _ = job.load_trained(str(workdir))
+        served = tf.saved_model.load(str(workdir / "export"))
+        batch = np.random.default_rng(0).integers(0, 256, (2, 40, 70, 3)).astype(np.uint8)
+        out = served.signatures["serving_uint8"](images=tf.constant(batch))["probabilities"]
+        expected = tf.nn.softmax(model(data.resize_image(batch, 33, "resize_then_crop")))
+        np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=1e-5)
+        plain = tf.nn.softmax(model(data.resize_image(batch, 33))).numpy()
+        assert np.abs(out.numpy() - plain).max() > 1e-4
+
+        # TFLite takes images already sized by the policy; its parity check
+        # feeds the SavedModel 38 x 38 squares (33 / 0.875) and TFLite their centers.
+        exported = Launch(
+            [sys.executable, "-m", "launch.export", f"--workdir={workdir}", "--tflite"]
+        ).result()
+        evaluated = evaluation.result()
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "TFLite parity" in exported.stdout and "validation images" in exported.stdout
 
     # launch.evaluate: the same split, policy and loss as the trainer's validation.
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "launch.evaluate", f"--workdir={workdir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     report = json.loads((workdir / "report" / "report.json").read_text())
     assert report["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
     assert report["loss"] == pytest.approx(metrics["val_loss"], rel=1e-4)
     assert report["recipe"]["image size"] == "33 px (resize_then_crop)"
-
-    # TFLite takes images already sized by the policy; its parity check
-    # feeds the SavedModel 38 x 38 squares (33 / 0.875) and TFLite their centers.
-    exported = subprocess.run(
-        [sys.executable, "-m", "launch.export", f"--workdir={workdir}", "--tflite"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    assert "TFLite parity" in exported.stdout and "validation images" in exported.stdout

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_train
+from runs import ONE_DEVICE, PARITY, run_trains, start_train
 
 
 def _variables(path):
@@ -30,23 +31,24 @@ def checkpoint_variables(workdir, step):
 
 def _one_and_two_replicas(tmp_path, common):
     """The run of `common` flags on one device (tmp_path/one) and on two
-    replicas (tmp_path/two); both must succeed."""
-    one = run_train(tmp_path / "one", *common)
-    two = run_train(tmp_path / "two", *common, *TWO_REPLICAS)
+    replicas (tmp_path/two), side by side; both must succeed."""
+    one, two = run_trains((tmp_path / "one", *common), (tmp_path / "two", *common, *TWO_REPLICAS))
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     return one, two
 
 
 @pytest.mark.slow
-def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
+def test_mirrored_two_replicas_matches_one_device(tmp_path, tmp_path_factory, images):
     # configs/tiny.py switches stage at epoch 2 (head only -> top 2 blocks);
     # re-estimated BatchNorm statistics give the random backbone real gradients.
-    common = [
-        f"--config.data.source=folder:{images}", "--config.model.dropout=0.0",
-        "--config.freeze.batchnorm=reestimate",
-    ]
-    _, two = _one_and_two_replicas(tmp_path, common)
+    # The one-device run is the session's (runs.ONE_DEVICE), trained alongside.
+    ONE_DEVICE.start(tmp_path_factory, images)
+    with start_train(tmp_path / "two", f"--config.data.source=folder:{images}", *PARITY,
+                     "--config.export.enabled=False", *TWO_REPLICAS) as launch:
+        one = ONE_DEVICE.workdir(tmp_path_factory, images)
+        two = launch.result()
+    assert two.returncode == 0, two.stderr[-3000:]
     assert "MirroredStrategy with 2 replica(s)" in two.stderr
     assert "Stage 2/2 at epoch 2" in two.stderr
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["replicas"] == 2
@@ -54,12 +56,12 @@ def test_mirrored_two_replicas_matches_one_device(tmp_path, images):
     # Same global batch and seed: the same SGD steps, up to float summation
     # order. Tolerance: 1e-5 absolute, or 1e-6 relative for large values (a
     # momentum slot of ~35 differs by float32 summation order alone).
-    final = {name: checkpoint_variables(tmp_path / name, 6) for name in ("one", "two")}
+    final = {"one": checkpoint_variables(one, 6), "two": checkpoint_variables(tmp_path / "two", 6)}
     assert final["one"].keys() == final["two"].keys() and len(final["one"]) > 200
     for key, value in final["one"].items():
         np.testing.assert_allclose(final["two"][key], value, rtol=1e-6, atol=1e-5, err_msg=key)
     # The comparison is not vacuous: stage 2 moved the top blocks.
-    first = checkpoint_variables(tmp_path / "one", 3)
+    first = checkpoint_variables(one, 3)
     moved = [k for k in first if not np.array_equal(first[k], final["one"][k])]
     assert len(moved) > 6, moved
 

@@ -10,6 +10,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import error_line, run_train, write_image_folder
+from keras_ft import trainer
+from runs import record_logs, run_trains, tiny_config, train_error
 
 
 @pytest.mark.slow
@@ -47,43 +49,43 @@ def test_workdir_contract_and_resume(tmp_path, images):
     assert out["probabilities"].shape == (2, 2)
     assert set(out["classes"].numpy().tolist()) <= {b"dark", b"light"}
 
-    # Rerunning the finished run trains nothing more.
-    again = run_train(workdir, source)
+    # Rerunning the finished run trains nothing more; a copy that lost its
+    # last checkpoint (as if killed during epoch 2) resumes epoch 2 only.
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints" / "ckpt-000000006")
+    again, resumed = run_trains((workdir, source), (copy, source))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "All 2 epochs are done" in again.stderr
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
-
-    # Losing the last checkpoint (as if killed during epoch 2) resumes epoch 2 only.
-    shutil.rmtree(workdir / "checkpoints" / "ckpt-000000006")
-    resumed = run_train(workdir, source)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "ckpt-000000003: 1 epoch(s) and 0 step(s) done" in resumed.stderr
     assert "Training epochs 2..2 of 2" in resumed.stderr
-    assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
-    with open(workdir / "history.csv") as f:
+    assert json.loads((copy / "metrics.json").read_text())["steps"] == 6
+    with open(copy / "history.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
-    # A changed config cannot silently resume.
-    changed = run_train(workdir, source, "--config.optimizer.momentum=0.5")
-    assert changed.returncode == 2
-    assert "optimizer.momentum: 0.9 -> 0.5" in error_line(changed)
+    # A changed config cannot silently resume (checked in-process: the
+    # trainer's ValueError is the line launch.train prints, exit 2).
+    config = {"data.source": f"folder:{images}"}
+    changed = train_error(tiny_config({**config, "optimizer.momentum": 0.5}), workdir)
+    assert "optimizer.momentum: 0.9 -> 0.5" in changed
 
     # Nor can a workdir whose checkpoints are all unreadable silently start over.
     for name in os.listdir(workdir / "checkpoints"):
         os.remove(workdir / "checkpoints" / name / "state.json")
-    unreadable = run_train(workdir, source)
-    assert unreadable.returncode == 2
-    assert "is readable" in error_line(unreadable) and "resume=False" in error_line(unreadable)
+    unreadable = train_error(tiny_config(config), workdir)
+    assert "is readable" in unreadable and "resume=False" in unreadable
     assert len(os.listdir(workdir / "checkpoints")) == 2  # nothing was deleted
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        # absl's flag parsing, before TensorFlow is imported.
         (["--config.model.bakbone=x"], "unknown config key: bakbone"),
+        # A ValueError of the trainer (here from spec.resolve).
         (["--config.model.backbone=resnet5"], "Unknown backbone 'resnet5'. Choose one of: resnet50"),
-        (["--config.model.weights=/no/such/weights.h5"], "/no/such/weights.h5"),
-        (["--config.distribute.strategy=tpu9"], "Unknown distribute.strategy 'tpu9'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, images, overrides, message):
@@ -91,52 +93,61 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, images, overrides, message):
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in error_line(result)
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
-def test_empty_class_folder_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.weights": "/no/such/weights.h5"}, "/no/such/weights.h5"),
+        ({"distribute.strategy": "tpu9"}, "Unknown distribute.strategy 'tpu9'"),
+    ],
+)
+def test_bad_config_values_are_the_trainers_value_errors(tmp_path, images, overrides, message):
+    config = tiny_config({"data.source": f"folder:{images}", **overrides})
+    assert message in train_error(config, tmp_path / "run")
+
+
+def test_empty_class_folder_is_an_input_error(tmp_path):
     os.makedirs(tmp_path / "data" / "cats")
     write_image_folder(tmp_path / "data", {"dogs": 4})
-    result = run_train(tmp_path / "run", f"--config.data.source=folder:{tmp_path / 'data'}")
-    assert result.returncode == 2
-    assert "cats" in error_line(result) and "no image files" in error_line(result)
+    line = train_error(tiny_config({"data.source": f"folder:{tmp_path / 'data'}"}), tmp_path / "run")
+    assert "cats" in line and "no image files" in line
 
 
 @pytest.mark.parametrize("policy", ["skip", "fail"])
-def test_bad_image_files_are_skipped_and_listed_or_stop_the_run(tmp_path, policy):
+def test_bad_image_files_are_skipped_and_listed_or_stop_the_run(tmp_path, monkeypatch, policy):
     root = write_image_folder(tmp_path / "data", {"dark": 10, "light": 10})
     good = (tmp_path / "data" / "dark" / "000.png").read_bytes()
     (tmp_path / "data" / "dark" / "cut.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "data" / "light" / "notes.jpg").write_text("not an image")
-    result = run_train(
-        tmp_path / "run", f"--config.data.source=folder:{root}",
-        f"--config.data.bad_files={policy}", "--config.train.epochs=1",
-        "--config.export.enabled=False", "--config.data.class_weights=True",
-    )
+    config = tiny_config({
+        "data.source": f"folder:{root}", "data.bad_files": policy, "train.epochs": 1,
+        "export.enabled": False, "data.class_weights": True,
+    })
     if policy == "fail":
-        assert result.returncode == 2
-        line = error_line(result)
+        line = train_error(config, tmp_path / "run")
         assert "2 bad image file(s)" in line and "cut.png" in line and "notes.jpg" in line
         return
-    assert result.returncode == 0, result.stderr[-3000:]
+    logs = record_logs(monkeypatch)
+    trainer.train(config, str(tmp_path / "run"))
     scan = json.loads((tmp_path / "run" / "data_scan.json").read_text())
     listed = json.dumps(scan)
     assert "cut.png" in listed and "notes.jpg" in listed
-    assert "cut.png" in result.stderr  # the log lists them too
+    assert any("cut.png" in line for line in logs), logs  # the log lists them too
     # Balanced classes (the bad files aside): both weights are 1.
-    assert "Class weights (inverse frequency): dark 1, light 1." in result.stderr
+    assert "Class weights (inverse frequency): dark 1, light 1." in logs
 
 
 @pytest.mark.slow
 def test_resume_refuses_data_that_changed_under_the_checkpoints(tmp_path):
     root = write_image_folder(tmp_path / "data", {"dark": 10, "light": 10})
-    common = [f"--config.data.source=folder:{root}", "--config.train.epochs=1",
-              "--config.train.steps_per_epoch=0", "--config.export.enabled=False"]
-    first = run_train(tmp_path / "run", *common)
-    assert first.returncode == 0, first.stderr[-3000:]
+    config = {"data.source": f"folder:{root}", "train.epochs": 1,
+              "train.steps_per_epoch": 0, "export.enabled": False}
+    trainer.train(tiny_config(config), str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["ckpt-000000004"]
     write_image_folder(tmp_path / "more", {"dark": 8}, seed=1)
     for name in os.listdir(tmp_path / "more" / "dark"):
         shutil.move(tmp_path / "more" / "dark" / name, tmp_path / "data" / "dark" / f"new-{name}")
-    again = run_train(tmp_path / "run", *common)
-    assert again.returncode == 2
-    line = error_line(again)
+    line = train_error(tiny_config(config), tmp_path / "run")
     assert "has 4 steps per epoch, the data now gives 5" in line and "resume=False" in line

@@ -14,9 +14,10 @@ import pytest
 import tensorflow as tf
 
 import keras_ft
-from conftest import REPO, error_line, run_train
-from keras_ft import data, freezing, lr_finder, schedules, sources
+from conftest import REPO, run_train
+from keras_ft import data, freezing, lr_finder, schedules, sources, trainer
 from keras_ft.stages import Stage
+from runs import record_logs, resolve_error, start_train, tiny_config
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -230,7 +231,7 @@ def test_lr_find_cli_end_to_end(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_train_with_auto_learning_rate_then_resume(tmp_path, images):
+def test_train_with_auto_learning_rate_then_resume(tmp_path, images, monkeypatch):
     workdir = tmp_path / "run"
     flags = [f"--config.data.source=folder:{images}", "--config.optimizer.learning_rate=auto",
              "--config.optimizer.lr_find.steps=20", "--config.export.enabled=False"]
@@ -240,26 +241,32 @@ def test_train_with_auto_learning_rate_then_resume(tmp_path, images):
     assert f"optimizer.learning_rate=auto: {found:.4g}, found by the range test" in result.stderr
     assert json.loads((workdir / "config.json").read_text())["optimizer"]["learning_rate"] == "auto"
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
-    # Resuming reuses the saved suggestion; the range test does not run again.
+    # Resuming reuses the saved suggestion; the range test does not run again
+    # (resumed in-process: the trainer's code path, without a second start-up).
     os.remove(workdir / "lr_find" / "lr_find.csv")
     shutil.rmtree(workdir / "checkpoints" / "ckpt-000000006")
-    resumed = run_train(workdir, *flags)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"optimizer.learning_rate=auto: {found:.4g}, resumed from" in resumed.stderr
-    assert "LR range test" not in resumed.stderr
+    config = tiny_config({
+        "data.source": f"folder:{images}", "optimizer.learning_rate": "auto",
+        "optimizer.lr_find.steps": 20, "export.enabled": False,
+    })
+    logs = record_logs(monkeypatch)
+    assert trainer.train(config, str(workdir))["steps"] == 6
+    assert any(f"optimizer.learning_rate=auto: {found:.4g}, resumed from" in l for l in logs), logs
+    assert any(l.startswith("Resumed from") for l in logs), logs
+    assert not any("LR range test" in l for l in logs), logs
     assert not (workdir / "lr_find" / "lr_find.csv").exists()
 
 
 def test_train_with_a_number_and_with_a_typo(tmp_path, images):
     common = [f"--config.data.source=folder:{images}", "--config.export.enabled=False",
               "--config.train.epochs=1"]
-    result = run_train(tmp_path / "number", *common, "--config.optimizer.learning_rate=0.003")
+    with start_train(tmp_path / "number", *common,
+                     "--config.optimizer.learning_rate=0.003") as launch:
+        # Meanwhile, in-process: the typo is the spec's error (exit 2).
+        typo = resolve_error(tiny_config({"optimizer.learning_rate": "atuo"}))
+        assert typo == "error: optimizer.learning_rate must be a number > 0 or 'auto', got 'atuo'."
+        result = launch.result()
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "number" / "config.json").read_text())
     assert config["optimizer"]["learning_rate"] == 0.003
     assert not (tmp_path / "number" / "lr_find").exists()
-    typo = run_train(tmp_path / "typo", *common, "--config.optimizer.learning_rate=atuo")
-    assert typo.returncode == 2
-    assert error_line(typo) == (
-        "error: optimizer.learning_rate must be a positive number or 'auto', got 'atuo'."
-    )

@@ -16,12 +16,13 @@ import pytest
 from conftest import REPO, error_line, run_train
 from keras_ft.preemption import EXIT_PREEMPTED
 from launch import multiworker
+from runs import ONE_DEVICE, PARITY, Launch, start_train, tiny_config, train_error
 from test_distribute import checkpoint_variables
 
 # configs/tiny.py: 2 epochs x 3 steps, a stage switch at epoch 2. No dropout
 # and re-estimated BatchNorm statistics, so the random backbone gets real
 # gradients and a run is a pure function of its data stream.
-COMMON = ["--config.model.dropout=0.0", "--config.freeze.batchnorm=reestimate"]
+COMMON = list(PARITY)
 # The workers all-reduce gradients across processes; one device sums them in
 # one kernel: the same SGD steps up to float summation order (measured: 1.1e-5
 # on a BatchNorm variance of order 10).
@@ -40,12 +41,10 @@ def _env(tmp):
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp))
 
 
-def _launch(workdir, images, tmp, *overrides):
+def _start(workdir, images, tmp, *overrides):
+    """`python -m launch.multiworker` of two workers, started in the background."""
     cmd = [sys.executable, "-m", "launch.multiworker", "--num_workers=2", "--"]
-    return subprocess.run(
-        cmd + _train_command(workdir, images, *overrides), cwd=REPO, env=_env(tmp),
-        capture_output=True, text=True, timeout=600,
-    )
+    return Launch(cmd + _train_command(workdir, images, *overrides), env=_env(tmp))
 
 
 def _fingerprints(output):
@@ -73,21 +72,17 @@ def _assert_same_run(workdir, reference):
             np.testing.assert_allclose(row_a[key], row_b[key], rtol=RTOL, atol=ATOL, err_msg=key)
 
 
-@pytest.fixture(scope="module")
-def one_device(tmp_path_factory, images):
-    """The reference: the same run on one device."""
-    workdir = tmp_path_factory.mktemp("one_device")
-    result = run_train(workdir, f"--config.data.source=folder:{images}", *COMMON)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return str(workdir)
-
-
 @pytest.mark.slow
-def test_two_workers_match_one_device_and_only_the_chief_writes(tmp_path, images, one_device):
+def test_two_workers_match_one_device_and_only_the_chief_writes(tmp_path, tmp_path_factory, images):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     workdir = tmp_path / "run"
-    result = _launch(workdir, images, tmp)
+    # The reference: the same run on one device (the session's, shared with
+    # tests/test_distribute.py), trained alongside if no test has yet.
+    ONE_DEVICE.start(tmp_path_factory, images)
+    with _start(workdir, images, tmp) as launch:
+        result = launch.result()
+    one_device = ONE_DEVICE.workdir(tmp_path_factory, images)
     out = result.stdout
     assert result.returncode == 0, out[-4000:]
     assert "Workers exited with [0, 0]." in out
@@ -133,14 +128,16 @@ def _start_workers(tmp_path, workdir, images, *overrides):
 
 
 @pytest.mark.slow
-def test_a_preempted_worker_stops_all_and_they_resume_together(tmp_path, images, one_device):
+def test_a_preempted_worker_stops_all_and_they_resume_together(tmp_path, tmp_path_factory, images):
     """SIGTERM to worker 1 alone: both agree on the step, save, exit 42; the
     rerun resumes both from the chief's checkpoint and ends as one device."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     workdir = tmp_path / "run"
-    every = "--config.checkpoint.every_steps=2"
-    procs, logs = _start_workers(tmp_path, workdir, images, every)
+    # No export: what is compared is checkpoints and history.
+    extra = ("--config.checkpoint.every_steps=2", "--config.export.enabled=False")
+    ONE_DEVICE.start(tmp_path_factory, images)
+    procs, logs = _start_workers(tmp_path, workdir, images, *extra)
     deadline = time.monotonic() + 300
     while "ckpt-000000002." not in logs[0].read_text():
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (
@@ -157,16 +154,19 @@ def test_a_preempted_worker_stops_all_and_they_resume_together(tmp_path, images,
     assert list(tmp.iterdir()) == []
 
     # The global batch makes every step the same on any number of replicas:
-    # a copy of the stopped run goes on alone, on one device.
+    # a copy of the stopped run goes on alone, on one device, while the two
+    # workers resume the original.
     alone = tmp_path / "alone"
     shutil.copytree(workdir, alone)
-    result = run_train(alone, f"--config.data.source=folder:{images}", *COMMON, every,
-                       "--config.distribute.strategy=default")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resumed from" in result.stderr and "with 1 replica(s)" in result.stderr
+    with start_train(alone, f"--config.data.source=folder:{images}", *COMMON, *extra,
+                     "--config.distribute.strategy=default") as on_one, \
+            _start(workdir, images, tmp, *extra) as on_two:
+        alone_result, result = on_one.result(), on_two.result()
+    one_device = ONE_DEVICE.workdir(tmp_path_factory, images)
+    assert alone_result.returncode == 0, alone_result.stderr[-3000:]
+    assert "Resumed from" in alone_result.stderr and "with 1 replica(s)" in alone_result.stderr
     _assert_same_run(str(alone), one_device)
 
-    result = _launch(workdir, images, tmp, every)
     assert result.returncode == 0, result.stdout[-4000:]
     assert len(re.findall(r"Resumed from \S+ckpt-0+" + steps[0][0], result.stdout)) == 2
     fingerprints = _fingerprints(result.stdout)
@@ -230,19 +230,28 @@ def test_launcher_needs_a_command():
     ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
      '"task": {"type": "worker", "index": 0}}',
      "mirrored", "TF_CONFIG names 2 workers, but distribute.strategy='mirrored'"),
-    (None, "tpu", "distribute.strategy=tpu: no TPU reachable as TPU_NAME='local'"),
 ])
 def test_strategy_errors(tmp_path, images, monkeypatch, tf_config, strategy, message):
+    # In-process: each is found before TensorFlow's runtime is configured.
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("TPU_NAME", raising=False)
     if tf_config is not None:
         monkeypatch.setenv("TF_CONFIG", tf_config)
+    config = tiny_config({"data.source": f"folder:{images}", "distribute.strategy": strategy})
+    assert message in train_error(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_tpu_is_one_line_and_exit_2(tmp_path, images, monkeypatch):
+    # A subprocess: looking for a TPU may connect TensorFlow to a cluster.
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("TPU_NAME", raising=False)
     result = run_train(
         tmp_path / "run", f"--config.data.source=folder:{images}",
-        f"--config.distribute.strategy={strategy}",
+        "--config.distribute.strategy=tpu",
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert message in error_line(result)
+    assert "distribute.strategy=tpu: no TPU reachable as TPU_NAME='local'" in error_line(result)
     assert not (tmp_path / "run").exists()
 
 

@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 from configs import tiny
-from conftest import error_line, run_train
+from conftest import run_train
 from keras_ft import freezing, job, optim, spec, stages, tasks
+from runs import resolve_error, run_trains, tiny_config
 from test_distribute import TWO_REPLICAS, checkpoint_variables
 
 CLASSES = ["a", "b", "c"]
@@ -136,14 +137,13 @@ def test_linear_lr_scaling():
         spec.resolve(config)
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.train.precision=float16", "train.precision must be one of float32, "),
-    ("--config.train.jit_compile=yes", "train.jit_compile must be True, False or 'auto'"),
+@pytest.mark.parametrize("key, value, message", [
+    ("train.precision", "float16",
+     "Unknown train.precision 'float16'. Choose one of: float32, mixed_float16, mixed_bfloat16."),
+    ("train.jit_compile", "yes", "train.jit_compile must be True, False or 'auto'"),
 ])
-def test_bad_precision_flags(tmp_path, images, flag, message):
-    result = run_train(tmp_path / "run", f"--config.data.source=folder:{images}", flag)
-    assert result.returncode == 2
-    assert message in error_line(result)
+def test_bad_precision_values(key, value, message):
+    assert message in resolve_error(tiny_config({key: value}))
 
 
 @pytest.mark.slow
@@ -155,12 +155,11 @@ def test_sync_batchnorm_over_two_replicas_matches_one_device(tmp_path, images):
         f"--config.data.source=folder:{images}", "--config.model.dropout=0.0",
         "--config.freeze.batchnorm=trainable", "--config.export.enabled=False",
     ]
-    runs = {
-        "one": run_train(tmp_path / "one", *common),
-        "sync": run_train(tmp_path / "sync", *common, *TWO_REPLICAS,
-                          "--config.distribute.sync_batchnorm=True"),
-        "local": run_train(tmp_path / "local", *common, *TWO_REPLICAS),
-    }
+    runs = dict(zip(("one", "sync", "local"), run_trains(
+        (tmp_path / "one", *common),
+        (tmp_path / "sync", *common, *TWO_REPLICAS, "--config.distribute.sync_batchnorm=True"),
+        (tmp_path / "local", *common, *TWO_REPLICAS),
+    )))
     for name, result in runs.items():
         assert result.returncode == 0, name + result.stderr[-3000:]
     assert "Synchronized BatchNorm: 52 layers" in runs["sync"].stderr
