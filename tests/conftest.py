@@ -40,11 +40,21 @@ def write_image_folder(root, counts, size=20, seed=0):
     return str(root)
 
 
+def train_command(workdir, *overrides, config="configs/tiny.py") -> list[str]:
+    """`python -m launch.train` on `config` with `--config.KEY=VALUE` overrides."""
+    return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
+            *overrides]
+
+
+def train_env() -> dict:
+    """The environment launch.train runs in from tests (TensorFlow's C++ logs quiet)."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+
 def run_train(workdir, *overrides, config="configs/tiny.py"):
-    cmd = [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
-        cmd + list(overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        train_command(workdir, *overrides, config=config), cwd=REPO, env=train_env(),
+        capture_output=True, text=True, timeout=600,
     )
 
 

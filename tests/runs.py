@@ -1,7 +1,7 @@
 """Helpers for tests that run the trainer, so that each run is paid for once.
 
-- `Launch`, `start_train`, `run_trains`: `python -m launch.train` runs (the
-  command of `conftest.run_train`) started side by side. A tiny run spends
+- `Launch`, `start_train`, `run_trains`: `python -m launch.train` runs
+  (`conftest.train_command`) started side by side. A tiny run spends
   most of its time in one Python thread (importing TensorFlow, building and
   tracing the model), so runs side by side share two cores well.
 - `ONE_DEVICE`: the one-device run that the mirrored and the multi-worker
@@ -17,25 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import subprocess
-import sys
 import tempfile
 
 import pytest
 
-from conftest import REPO
-
-
-def train_command(workdir, *overrides, config="configs/tiny.py") -> list[str]:
-    """`python -m launch.train` as `conftest.run_train` runs it."""
-    return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
-            *overrides]
-
-
-def train_env() -> dict:
-    """The environment of `conftest.run_train`."""
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+from conftest import REPO, train_command, train_env
 
 
 class Launch:
