@@ -264,7 +264,7 @@ def test_train_with_a_number_and_with_a_typo(tmp_path, images):
                      "--config.optimizer.learning_rate=0.003") as launch:
         # Meanwhile, in-process: the typo is the spec's error (exit 2).
         typo = resolve_error(tiny_config({"optimizer.learning_rate": "atuo"}))
-        assert typo == "error: optimizer.learning_rate must be a number > 0 or 'auto', got 'atuo'."
+        assert typo == "error: optimizer.learning_rate must be a positive number or 'auto', got 'atuo'."
         result = launch.result()
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "number" / "config.json").read_text())
