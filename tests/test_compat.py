@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ft import backbones, compat, optim
+from keras_ft import backbones, compat, imagenet_files, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "keras_ft")
@@ -223,9 +223,9 @@ _CASES = [
 
 @pytest.mark.parametrize("name,image_size", _CASES)
 def test_imagenet_file_is_what_the_keras_builder_downloads(name, image_size, monkeypatch):
-    """`backbones.imagenet_file` copies, per backbone, the file name, URL and
+    """`imagenet_files.imagenet_file` copies, per backbone, the file name, URL and
     hash that keras.applications' builders give `get_file`."""
-    ours = backbones.imagenet_file(name, image_size)
+    ours = imagenet_files.imagenet_file(name, image_size)
     assert (ours.fname, ours.origin, ours.file_hash, "models") == _requested_file(
         name, image_size, monkeypatch
     )

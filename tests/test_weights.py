@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_ft import backbones, torch_legacy, weights
+from keras_ft import imagenet_files, torch_import, torch_legacy, weights
 from keras_ft.weights import WeightsError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -136,14 +136,14 @@ def test_shape_mismatch_names_key(deep_sort_path):
     state = dict(torch_legacy.load_state_dict(deep_sort_path))
     state["features.18.0.weight"] = state["features.18.0.weight"][:1000]
     with pytest.raises(WeightsError, match=r"features\.18\.0\.weight"):
-        weights.import_deep_sort_mobilenet_v2(_mobilenet_v2(97), state)
+        torch_import.import_deep_sort_mobilenet_v2(_mobilenet_v2(97), state)
 
 
 def test_unused_tensor_is_refused(deep_sort_path):
     state = dict(torch_legacy.load_state_dict(deep_sort_path))
     state["classifier.1.weight"] = np.zeros((10, 1280), np.float32)
     with pytest.raises(WeightsError, match=r"classifier\.1\.weight"):
-        weights.import_deep_sort_mobilenet_v2(_mobilenet_v2(97), state)
+        torch_import.import_deep_sort_mobilenet_v2(_mobilenet_v2(97), state)
 
 
 # --- SHA-256 verification -----------------------------------------------------
@@ -287,7 +287,7 @@ def test_imagenet_download_verified_then_loaded(tmp_path, monkeypatch, imagenet_
     served, source = imagenet_origin
     home = tmp_path / "home"
     monkeypatch.setenv("KERAS_HOME", str(home))
-    cached = weights.fetch_imagenet(backbones.ImagenetFile(served.as_uri(), None))
+    cached = weights.fetch_imagenet(imagenet_files.ImagenetFile(served.as_uri(), None))
     assert cached == str(home / "models" / IMAGENET_FILE)
     digest = weights.sha256_file(cached)
     assert json.loads((home / weights.TOFU_MANIFEST_NAME).read_text()) == {IMAGENET_FILE: digest}
@@ -313,11 +313,11 @@ def test_imagenet_download_checked_against_keras_hash(tmp_path, monkeypatch, ima
     served, _ = imagenet_origin
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
     published = weights.sha256_file(served)
-    path = weights.fetch_imagenet(backbones.ImagenetFile(served.as_uri(), published))
+    path = weights.fetch_imagenet(imagenet_files.ImagenetFile(served.as_uri(), published))
     assert weights.sha256_file(path) == published
     os.remove(path)
     with pytest.raises(WeightsError) as error:
-        weights.fetch_imagenet(backbones.ImagenetFile(served.as_uri(), "0" * 64))
+        weights.fetch_imagenet(imagenet_files.ImagenetFile(served.as_uri(), "0" * 64))
     message = _assert_one_line(error)
     assert "do not match the hash Keras publishes" in message and IMAGENET_FILE in message
 
