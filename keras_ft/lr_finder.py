@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import optim, schedules
+from keras_ft import optim, schedules, workdir
 
 CSV_FILE, PNG_FILE, JSON_FILE = "lr_find.csv", "lr_find.png", "lr_find.json"
 
@@ -353,10 +353,8 @@ def save(test: RangeTest, directory: str, title: str = "", extra: dict | None = 
     except ImportError:
         logging.warning("matplotlib is not installed: no %s written.", PNG_FILE)
         del paths["png"]
-    tmp = paths["json"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(test.summary(), **(extra or {})), f, indent=2, sort_keys=True)
-    os.replace(tmp, paths["json"])
+    # Last and atomic: a resumed "auto" run reads its suggestion from here.
+    workdir.write_json(paths["json"], dict(test.summary(), **(extra or {})))
     return paths
 
 
