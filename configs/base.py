@@ -176,6 +176,11 @@ def get_config(arg=None):
     #   fixed; γ/β train with their block), "trainable", or "reestimate"
     #   (recompute the statistics on training images first, then frozen)
     config.freeze.reestimate_batches = 20  # batches used by "reestimate"
+    config.freeze.precise_bn = "final"  # BatchNorm layers that train on batch
+    #   statistics ("trainable") get moving statistics recomputed under the
+    #   trained weights before validation, checkpoint and export: "final" (last
+    #   epoch), "every_epoch" (before each validation), or "off"
+    config.freeze.precise_bn_batches = 50  # training batches averaged over
     config.freeze.method = "full"  # what trains in a trainable block: "full",
     #   "bitfit" (biases), "bn_only" (BatchNorm γ/β), "lora" (adapters)
     config.freeze.lora_rank = 4  # rank of the LoRA adapters (method "lora")

@@ -32,6 +32,7 @@ The new head always trains in full.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import keras
@@ -43,6 +44,7 @@ from keras_ft import backbones, callbacks, optim, stages as stages_lib
 from keras_ft.stages import Stage
 
 BN_POLICIES = ("frozen", "trainable", "reestimate")
+PRECISE_BN = ("final", "every_epoch", "off")
 METHODS = ("full", "bitfit", "bn_only", "lora")
 
 
@@ -173,36 +175,201 @@ def enable_lora(model, rank: int, blocks: int = -1) -> int:
     return count
 
 
-def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
-    """Recomputes every backbone BatchNorm layer's moving statistics.
+def batch_statistics_layers(model) -> list:
+    """The BatchNorm layers of `model` that normalise with batch statistics
+    when it runs in training mode, as it is now: those whose `trainable` is
+    True (Keras runs a BatchNorm layer with `trainable=False` in inference
+    mode, on its moving statistics, even when called with `training=True`).
+    After `apply_stage`, they are the layers of the stage's trainable blocks
+    under `freeze.batchnorm="trainable"`, and any in the head."""
+    return [layer for layer in backbones.all_layers(model) if _is_bn(layer) and layer.trainable]
 
-    Runs the backbone in training mode over `num_batches` batches of
-    `dataset` (images, labels) with each BatchNorm's momentum set so that the
-    moving statistics become the plain average of the batch statistics, then
-    restores the momenta. No weight other than the moving statistics changes.
+
+def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
+    """Sets the moving statistics of BatchNorm `layers` to the mean and
+    variance of their inputs over all the examples of `num_batches` batches
+    of `dataset` ("precise BN", Wu & Johnson 2021, "Rethinking 'Batch' in
+    BatchNorm"): the plain average of the batch means, and of the batch
+    variances plus the spread of the batch means (the law of total variance),
+    not an exponential moving average.
+
+    The model runs in training mode as it is: `layers` on batch statistics,
+    every other BatchNorm layer in the mode its `trainable` flag gives (a
+    frozen one on its own moving statistics, which stay bitwise unchanged).
+    No other variable changes: dropout's random state is put back, so a run
+    that does this draws the same random numbers as one that does not. The
+    result depends only on the weights and the batches, so doing it again
+    gives the same statistics.
+
+    Args:
+        model: a Keras model taking the batches' first element.
+        dataset: batches `(inputs, labels, ...)`, e.g. `TaskData.eval_stream("train")`
+            (no augmentation).
+        num_batches: how many batches to average over (fewer if the dataset
+            ends first).
+        layers: the BatchNorm layers to recompute (default:
+            `batch_statistics_layers(model)`).
+
+    Returns:
+        The number of batches used (0 if there was no layer to recompute).
+    """
+    layers = batch_statistics_layers(model) if layers is None else list(layers)
+    if not layers:
+        return 0
+    if num_batches < 1:
+        raise ValueError(f"BatchNorm statistics need num_batches >= 1, got {num_batches}.")
+    saved = [(l.trainable, l.momentum, l.synchronized) for l in layers]
+    before = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
+    rng = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    rng_values = [v.numpy() for v in rng]
+    sums = [[0.0, 0.0] for _ in layers]  # per layer: sum of w*mean, of w*(var + mean^2)
+    seen, weight, done = 0, 0, False
+    try:
+        for l in layers:
+            # Momentum 0: after each batch the moving statistics hold exactly
+            # that batch's statistics, read out and summed here. One device's
+            # batch: no all-reduce (and no replica context needed).
+            l.trainable, l.momentum, l.synchronized = True, 0.0, False
+        for batch in dataset.take(num_batches):
+            model(batch[0], training=True)
+            size = int(tf.shape(batch[0])[0])  # examples, weighting the batch
+            for total, l in zip(sums, layers):
+                mean = l.moving_mean.numpy().astype(np.float64)
+                total[0] += size * mean
+                total[1] += size * (l.moving_variance.numpy().astype(np.float64) + mean**2)
+            seen, weight = seen + 1, weight + size
+        if not seen:
+            raise ValueError("The dataset gave no batch to compute BatchNorm statistics from.")
+        for (first, second), l in zip(sums, layers):
+            mean = first / weight
+            variance = np.maximum(second / weight - mean**2, 0.0)
+            l.moving_mean.assign(mean.astype(l.moving_mean.dtype))
+            l.moving_variance.assign(variance.astype(l.moving_variance.dtype))
+        done = True
+    finally:
+        for l, (trainable, momentum, synchronized) in zip(layers, saved):
+            l.trainable, l.momentum, l.synchronized = trainable, momentum, synchronized
+        if not done:  # interrupted: the statistics as they were
+            for l, (mean, variance) in zip(layers, before):
+                l.moving_mean.assign(mean)
+                l.moving_variance.assign(variance)
+        for v, value in zip(rng, rng_values):
+            v.assign(value)
+    return seen
+
+
+def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
+    """Recomputes every backbone BatchNorm layer's moving statistics (the
+    `freeze.batchnorm="reestimate"` policy, before training): all of them on
+    batch statistics at once, as `precise_batchnorm` does for some.
 
     Returns:
         The number of batches used.
     """
-    bn_layers = [l for l in model.backbone.layers if _is_bn(l)]
-    if not bn_layers:
-        return 0
-    saved = [(l.trainable, l.momentum) for l in bn_layers]
-    seen = 0
+    layers = [l for l in backbones.all_layers(model.backbone) if _is_bn(l)]
+    return precise_batchnorm(model, dataset, num_batches, layers)
+
+
+def train_eval_gap(model, dataset, num_batches: int) -> tuple[float, float] | None:
+    """Accuracy on `num_batches` batches of `dataset` (training images, no
+    augmentation) in inference mode and in the mode the model trains in
+    (its `batch_statistics_layers` on batch statistics, dropout off).
+
+    Weights trained against batch statistics but evaluated with moving
+    statistics that do not match them score far lower in inference mode:
+    the gap is the symptom of stale BatchNorm statistics. Nothing changes in
+    the model (the moving statistics and the random state are put back).
+
+    Returns:
+        (inference accuracy, training-mode accuracy), or None when no
+        BatchNorm layer trains on batch statistics (the two modes agree).
+    """
+    layers = batch_statistics_layers(model)
+    if not layers:
+        return None
+    statistics = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
+    dropouts = [l for l in backbones.all_layers(model) if isinstance(l, keras.layers.Dropout)]
+    rates = [l.rate for l in dropouts]
+    rng = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    rng_values = [v.numpy() for v in rng]
+    correct, count = np.zeros(2), 0
     try:
-        for l in bn_layers:
-            l.trainable = True
-        for images, _ in dataset.take(num_batches):
-            for l in bn_layers:  # running mean over batches: m_k = k/(k+1)
-                l.momentum = seen / (seen + 1)
-            model.backbone(model.backbone_inputs(images), training=True)
-            seen += 1
+        for l in dropouts:
+            l.rate = 0.0
+        for batch in dataset.take(num_batches):
+            x, labels = batch[0], np.asarray(batch[1])
+            for i, training in enumerate((False, True)):
+                predicted = np.argmax(np.asarray(model(x, training=training)), axis=-1)
+                wanted = labels if labels.ndim == predicted.ndim else np.argmax(labels, -1)
+                correct[i] += np.sum(predicted == wanted)
+            count += predicted.size
     finally:
-        for l, (trainable, momentum) in zip(bn_layers, saved):
-            l.trainable, l.momentum = trainable, momentum
-    if not seen:
-        raise ValueError("The dataset gave no batch to re-estimate BatchNorm statistics.")
-    return seen
+        for l, rate in zip(dropouts, rates):
+            l.rate = rate
+        for l, (mean, variance) in zip(layers, statistics):
+            l.moving_mean.assign(mean)
+            l.moving_variance.assign(variance)
+        for v, value in zip(rng, rng_values):
+            v.assign(value)
+    if not count:
+        raise ValueError("The dataset gave no batch to compare BatchNorm modes on.")
+    return float(correct[0] / count), float(correct[1] / count)
+
+
+class PreciseBatchNorm(callbacks.ResumableStep, keras.callbacks.Callback):
+    """Runs `precise_batchnorm` after the last training step of the last
+    epoch (`when="final"`) or of every epoch (`"every_epoch"`), so before its
+    validation and checkpoint, over the BatchNorm layers that train on batch
+    statistics in the stage then in force; does nothing when there are none.
+
+    Training itself is unchanged: those layers normalise with batch
+    statistics, so their moving statistics never enter a training step.
+
+    Args:
+        dataset: a function of no arguments giving the batches to average
+            over (training images, no augmentation).
+        num_batches: how many.
+        epochs: the run's number of epochs (the last is `epochs - 1`).
+        when: one of `PRECISE_BN` ("off": never).
+        steps_per_epoch: default: the `steps` given to `fit()`.
+    """
+
+    def __init__(self, dataset, num_batches: int, epochs: int, when: str = "final",
+                 steps_per_epoch: int | None = None):
+        _check(when, PRECISE_BN, "freeze.precise_bn")
+        super().__init__()
+        self.dataset = dataset
+        self.num_batches = num_batches
+        self.epochs = epochs
+        self.when = when
+        self.steps_per_epoch = steps_per_epoch
+        self.seconds = 0.0  # spent in all, for the record
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = self.steps_per_epoch or self.params.get("steps")
+        if self.step_in_epoch(batch) != steps:
+            return
+        last = self._epoch == self.epochs - 1
+        if self.when == "off" or (self.when == "final" and not last):
+            return
+        layers = batch_statistics_layers(self.model)
+        if not layers:
+            return
+        start = time.monotonic()
+        used = precise_batchnorm(self.model, self.dataset(), self.num_batches, layers)
+        seconds = time.monotonic() - start
+        self.seconds += seconds
+        logging.info(
+            "Precise BatchNorm: the statistics of the %d layer(s) that train on batch "
+            "statistics, averaged over %d training batches (%.1fs).", len(layers), used, seconds,
+        )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.end_resumed_epoch()
 
 
 class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):

@@ -119,6 +119,8 @@ class FreezeSpec:
     stages: tuple[stages_lib.Stage, ...]
     batchnorm: str
     reestimate_batches: int
+    precise_bn: str
+    precise_bn_batches: int
     method: str
     lora_rank: int
     lr_decay: float
@@ -292,6 +294,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         stages=tuple(stages_lib.parse(f.stages)),
         batchnorm=checks.choice(f.batchnorm, "freeze.batchnorm", freezing.BN_POLICIES),
         reestimate_batches=checks.integer(f.reestimate_batches, "freeze.reestimate_batches", 1),
+        precise_bn=checks.choice(f.precise_bn, "freeze.precise_bn", freezing.PRECISE_BN),
+        precise_bn_batches=checks.integer(f.precise_bn_batches, "freeze.precise_bn_batches", 1),
         method=checks.choice(f.method, "freeze.method", freezing.METHODS),
         lora_rank=checks.integer(f.lora_rank, "freeze.lora_rank", 1),
         lr_decay=checks.number(f.lr_decay, "freeze.lr_decay", 0, 1, open_low=True),

@@ -103,6 +103,10 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     progress = callbacks.ProgressLog(spec.train.epochs)
     progress.steps_per_epoch = job.steps_per_epoch
     stop_on_nan = callbacks.StopOnNonFiniteLoss()
+    precise_bn = freezing.PreciseBatchNorm(
+        data.statistics_stream, spec.freeze.precise_bn_batches, spec.train.epochs,
+        when=spec.freeze.precise_bn, steps_per_epoch=job.steps_per_epoch,
+    )
     saver = checkpoint.TrainingCheckpoint(
         manager,
         history,
@@ -119,13 +123,14 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         schedule,
         freezing.BlockDrift(),
         stop_on_nan,  # before the save: a NaN step is never checkpointed
+        precise_bn,  # after an epoch's last step: before its validation and save
         throughput,
         keras.callbacks.TensorBoard(os.path.join(out, workdir_lib.TENSORBOARD)),
         progress,
         saver,  # after the metrics' callbacks: the epoch's logs are complete
         callbacks.WriteHistory(history_path, history),  # after the saver adds the epoch
     ] + extra_callbacks
-    resumable = (schedule, stop_on_nan, progress)
+    resumable = (schedule, stop_on_nan, progress, precise_bn)
     if watch.requested:  # SIGTERM during start-up: nothing new to save
         raise checkpoint.Preempted(
             state["path"] if state else None, epoch * job.steps_per_epoch + step
@@ -177,6 +182,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     # --------------------------------------------------------- evaluate, export
     if spec.cached_epochs:  # the test step may have been traced for features last
         model.make_test_function(force=True)
+    bn_gap = job_lib.batchnorm_gap(job)
     results = model.evaluate(val_stream, verbose=0, return_dict=True)
     main = job.task.main_metric
     metrics = {
@@ -194,6 +200,9 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         "replicas": strategy.num_replicas_in_sync,
         "resumed_from": state["path"] if state else None,
         "weights_sha256": checkpoint.fingerprint(model),
+        # Training-mode minus inference-mode accuracy on training images, when
+        # BatchNorm layers train on batch statistics (docs/batchnorm.md).
+        "bn_train_eval_gap": bn_gap,
     }
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params

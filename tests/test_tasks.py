@@ -48,6 +48,9 @@ class BrightnessData(tasks.TaskData):
         ds = order.map(lambda position, index: (tf.gather(x, index), tf.gather(y, index)))
         return ds.batch(self.batch, drop_remainder=True)
 
+    def statistics_stream(self):
+        return self.train_stream()  # not augmented
+
     def eval_stream(self, split="val", features_of=None):
         part = slice(0, 16) if split == "train" else slice(16, 24)
         return tf.data.Dataset.from_tensor_slices(

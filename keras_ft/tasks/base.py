@@ -67,6 +67,15 @@ class TaskData(abc.ABC):
         """One pass over `split` ("train" or "val") in order, prepared as
         training prepares its examples, without augmentation."""
 
+    @abc.abstractmethod
+    def statistics_stream(self) -> "tf.data.Dataset":
+        """Training examples prepared as for training but without
+        augmentation, in global batches of shuffled examples, as training
+        batches them: what BatchNorm statistics are computed from
+        (`keras_ft.freezing.precise_batchnorm`). Not `eval_stream("train")`:
+        a batch of examples of one class lacks the variance between classes.
+        A deterministic function of the seed; may be endless."""
+
     def class_weight(self) -> dict[int, float] | None:
         """Per-class loss weights for `fit(class_weight=...)`, or None."""
         return None

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import data as data_lib, export, features, model as model_lib
+from keras_ft import augment, data as data_lib, export, features, model as model_lib
 from keras_ft import sources, spec as spec_lib, validate
 from keras_ft.tasks import base
 
@@ -133,6 +133,16 @@ class ImageData(base.TaskData):
         return data_lib.make_dataset(
             images, self._image_size, self._batch, training=False, resize=d.resize,
             one_hot=d.augment.mixes, sized=self._sized.get(split, images),
+        )
+
+    def statistics_stream(self) -> tf.data.Dataset:
+        # The training stream's order (its first pass: a seeded permutation),
+        # not augmented.
+        d = self._spec.data
+        return data_lib.make_dataset(
+            self.train_set, self._image_size, self._batch, training=True,
+            seed=self._spec.seed, resize=d.resize, augment=augment.Augment(flip=False),
+            sized=self._sized.get("train", self.train_set),
         )
 
     def class_weight(self) -> dict[int, float] | None:
