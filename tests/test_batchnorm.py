@@ -1,0 +1,216 @@
+"""BatchNorm statistics that match the trained weights: precise BN, the
+train/eval-mode check, and the trainer's use of both."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_classifier
+from keras_ft import freezing
+from keras_ft.stages import Stage
+from runs import tiny_config
+
+
+def _bright_or_striped(n, seed):
+    """8x8 images far from BatchNorm's initial statistics (values ~100):
+    class 1 has vertical stripes, class 0 is flat noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    x = 100 + 20 * rng.standard_normal((n, 8, 8, 3))
+    x[labels == 1, :, ::2, :] += 60
+    return x.astype(np.float32), labels.astype(np.int32)
+
+
+def _scratch_model():
+    """Two conv + BatchNorm(momentum 0.999, as Keras' MobileNetV2) blocks."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = inputs
+    for i in range(2):
+        x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = keras.layers.BatchNormalization(momentum=0.999, name=f"bn{i}")(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    return keras.Model(inputs, keras.layers.Dense(2)(x))
+
+
+def _stream(x, y, batch=16):
+    return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).batch(batch)
+
+
+def test_precise_bn_repairs_a_model_trained_from_scratch_on_batch_statistics():
+    x, y = _bright_or_striped(256, seed=0)
+    model = _scratch_model()
+    model.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(_stream(x, y).repeat(), steps_per_epoch=120, epochs=1, verbose=0, shuffle=False)
+    # 120 steps at momentum 0.999: the moving statistics are still ~89% the
+    # initial (mean 0, variance 1), nothing like the batches trained on.
+    inference, training = freezing.train_eval_gap(model, _stream(x, y), 16)
+    assert training >= 0.9, training
+    assert inference <= 0.6, inference  # one class for everything, or nearly
+
+    rng_state = [v.numpy() for v in model.variables if "seed_generator" in v.path]
+    weights = {v.path: v.numpy() for v in model.weights if "moving_" not in v.path}
+    assert freezing.precise_batchnorm(model, _stream(x, y), 16) == 16
+    inference_after, training_after = freezing.train_eval_gap(model, _stream(x, y), 16)
+    assert training_after == training  # batch statistics: untouched by the fix
+    assert inference_after >= training - 0.05, (inference_after, training)
+    # Nothing but the moving statistics changed, dropout's random state included.
+    for v in model.weights:
+        if "moving_" not in v.path:
+            np.testing.assert_array_equal(v.numpy(), weights[v.path], err_msg=v.path)
+    for before, v in zip(rng_state, [v for v in model.variables if "seed_generator" in v.path]):
+        np.testing.assert_array_equal(v.numpy(), before)
+    # bn0's statistics are its inputs' mean and variance over all 256 images.
+    conv = model.get_layer("conv0")(x).numpy().reshape(-1, 8)
+    bn = model.get_layer("bn0")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), conv.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), conv.var(0), rtol=1e-3)
+    assert bn.momentum == 0.999 and bn.trainable
+
+
+def test_precise_bn_in_a_staged_model_touches_only_the_trained_blocks():
+    model = tiny_classifier(seed=3)
+    freezing.apply_stage(model, Stage(blocks=2), bn_policy="trainable")
+    trained = freezing.batch_statistics_layers(model)
+    assert trained and len(trained) < len(
+        [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    )
+    before = {v.path: v.numpy() for v in model.weights}
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (24, 32, 32, 3)).astype(np.float32)
+    x[:12] *= 0.3  # two kinds of image, so batches differ
+    batches = tf.data.Dataset.from_tensor_slices((x, np.zeros(24, np.int32))).shuffle(
+        24, seed=1, reshuffle_each_iteration=False).batch(8)  # the same batches twice
+
+    assert freezing.precise_batchnorm(model, batches, 10) == 3
+    statistics = {id(v) for l in trained for v in (l.moving_mean, l.moving_variance)}
+    for v in model.weights:
+        if id(v) in statistics:
+            assert not np.array_equal(v.numpy(), before[v.path]), v.path
+        else:  # frozen blocks' statistics too: bitwise
+            np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+    # Each trained layer's statistics: the mean and variance of its inputs
+    # over all 24 images, the network in its training mode (the frozen
+    # layers on their own statistics).
+    inputs = keras.Model(model.backbone.inputs, [l.input for l in trained])
+    seen = [inputs(model.backbone_inputs(b), training=True) for b, _ in batches]
+    for i, layer in enumerate(trained):
+        values = np.concatenate([s[i].numpy() for s in seen]).reshape(-1, layer.moving_mean.shape[0])
+        # (Keras' float32 batch variance is ~0.1% from numpy's float64 one)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), values.mean(0), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            layer.moving_variance.numpy(), values.var(0), rtol=3e-3, atol=1e-4
+        )
+
+
+def test_precise_bn_on_nothing_and_on_no_data():
+    model = tiny_classifier(seed=4)
+    freezing.apply_stage(model, Stage(blocks=-1), bn_policy="frozen")
+    assert freezing.batch_statistics_layers(model) == []
+    empty = tf.data.Dataset.from_tensor_slices((np.zeros((0, 32, 32, 3), np.float32), [0] * 0))
+    assert freezing.precise_batchnorm(model, empty.batch(4), 5) == 0
+    assert freezing.train_eval_gap(model, empty.batch(4), 5) is None
+    freezing.apply_stage(model, Stage(blocks=1), bn_policy="trainable")
+    before = {v.path: v.numpy() for v in model.weights}
+    with pytest.raises(ValueError, match="no batch"):
+        freezing.precise_batchnorm(model, empty.batch(4), 5)
+    for v in model.weights:  # a failed pass leaves the statistics as they were
+        np.testing.assert_array_equal(v.numpy(), before[v.path])
+
+
+def _train(workdir, **overrides):
+    from keras_ft import trainer
+
+    config = tiny_config({
+        "freeze.batchnorm": "trainable", "train.epochs": 2, "train.steps_per_epoch": 4,
+        **{k.replace("__", "."): v for k, v in overrides.items()},
+    })
+    return trainer.train(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def precise_run(tmp_path_factory):
+    """A tiny run whose last stage trains the top two blocks' BatchNorm on
+    batch statistics, with precise BN at the end (the default)."""
+    workdir = tmp_path_factory.mktemp("precise")
+    return _train(workdir), workdir
+
+
+def test_the_trainer_ends_with_precise_statistics(precise_run):
+    from keras_ft import job as job_lib, tasks
+
+    metrics, workdir = precise_run
+    assert metrics["bn_train_eval_gap"] is not None
+    with open(os.path.join(workdir, "metrics.json")) as fh:
+        assert json.load(fh)["bn_train_eval_gap"] == metrics["bn_train_eval_gap"]
+    # The last checkpoint holds the precise statistics of its weights:
+    # recomputing them gives them again, bitwise. (Had the trainer not
+    # recomputed them, the moving averages of training would change.)
+    model, _, spec = job_lib.load_trained(str(workdir))
+    f = spec.freeze
+    freezing.apply_stage(model, f.stages[-1], f.method, f.batchnorm)
+    layers = freezing.batch_statistics_layers(model)
+    assert layers
+    before = {v.path: v.numpy() for v in model.weights}
+    data = tasks.get(spec.task).load_data(spec)
+    freezing.precise_batchnorm(model, data.statistics_stream(), f.precise_bn_batches)
+    for v in model.weights:
+        np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+
+
+def test_stale_statistics_are_reported_with_the_fix(monkeypatch, caplog):
+    from keras_ft import job as job_lib
+
+    class Data:
+        def statistics_stream(self):
+            return "batches"
+
+    class Job:
+        model, data = "model", Data()
+
+        class spec:
+            class freeze:
+                precise_bn = "off"
+
+    monkeypatch.setattr(job_lib, "enter_final_stage", lambda job: None)
+    monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: (0.1, 0.9))
+    assert job_lib.batchnorm_gap(Job) == pytest.approx(0.8)
+    assert "freeze.precise_bn='final'" in caplog.text and "0.100" in caplog.text
+    monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: (0.9, 0.6))
+    caplog.clear()
+    assert job_lib.batchnorm_gap(Job) == pytest.approx(-0.3)  # noisy batches: no warning
+    assert "stale" not in caplog.text
+    monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: None)
+    assert job_lib.batchnorm_gap(Job) is None  # no layer on batch statistics
+
+
+def test_resume_across_precise_bn_is_exact(tmp_path, precise_run, monkeypatch):
+    """Killed in the middle of the final precise-BN pass (after the last
+    training step, before the epoch's checkpoint), the rerun ends at the
+    uninterrupted run's exact weights and statistics."""
+    calls = []
+    real = freezing.precise_batchnorm
+
+    def dies_midway(model, dataset, num_batches, layers=None):
+        calls.append(1)
+        # Half the statistics recomputed, then the process is gone.
+        real(model, dataset, max(num_batches // 2, 1), layers)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(freezing, "precise_batchnorm", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, freeze__precise_bn="final")
+    assert calls
+    monkeypatch.setattr(freezing, "precise_batchnorm", real)
+    resumed = _train(tmp_path, freeze__precise_bn="final")
+    assert resumed["resumed_from"]
+    assert resumed["weights_sha256"] == precise_run[0]["weights_sha256"]
