@@ -19,6 +19,15 @@ BatchNorm policy (`BN_POLICIES`):
                 layer are recomputed on target data (`reestimate_batchnorm`);
                 then as `frozen`.
 
+Precise BN (`PRECISE_BN`, `PreciseBatchNorm`): a layer that trains on batch
+statistics leaves moving statistics that lag the weights (Keras'
+MobileNetV2 uses momentum 0.999: ~0.999^steps of the start remains). Before
+the last validation, checkpoint and export, the statistics of exactly the
+layers that train on batch statistics in the final stage are recomputed
+under the final weights (`precise_batchnorm`); every other layer keeps the
+statistics it was trained with. `train_eval_gap` measures what is left of
+the problem. docs/batchnorm.md has the measurements.
+
 Methods (`METHODS`), i.e. which variables of a trainable block train:
     full        all of them.
     bitfit      biases only: conv/dense biases and BatchNorm β (Ben Zaken et

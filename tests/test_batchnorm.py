@@ -132,6 +132,7 @@ def _train(workdir, **overrides):
 
     config = tiny_config({
         "freeze.batchnorm": "trainable", "train.epochs": 2, "train.steps_per_epoch": 4,
+        "freeze.precise_bn_batches": 8,
         **{k.replace("__", "."): v for k, v in overrides.items()},
     })
     return trainer.train(config, str(workdir))

@@ -439,3 +439,48 @@ def test_train_and_evaluate_split_train_and_val_folders_alike(tmp_path):
     assert report["num_images"] == 5
     assert report["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
     assert report["recipe"]["train / validation images"] == "16 / 5 (the source's own split)"
+
+
+def _write_idx(path, array, magic):
+    import gzip
+
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_samples_from_the_debian_files(tmp_path, monkeypatch):
+    from keras_ft import samples
+
+    files = tmp_path / "fashion-mnist"
+    files.mkdir()
+    labels = np.arange(30) % 10
+    images = np.stack([np.full((28, 28), 8 * i) for i in range(30)])
+    monkeypatch.setattr(samples, "FASHION_MNIST_DIR", str(files))
+    monkeypatch.setenv("KERAS_FT_HOME", str(tmp_path / "home"))
+    with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+        samples.materialize("fashion_mnist_2")
+    _write_idx(files / "train-images-idx3-ubyte.gz", images, 0x803)
+    _write_idx(files / "train-labels-idx1-ubyte.gz", labels, 0x801)
+
+    ds = sources.load_source("sample:fashion_mnist_2")
+    assert ds.class_names == sorted(samples.FASHION_MNIST_CLASSES)
+    assert len(ds) == 20
+    # The first two images of each class, in file order: trousers are 1 and 11.
+    trousers = [f for f in ds.images if "/trouser/" in f]
+    pixels = [tf.io.decode_png(tf.io.read_file(f)).numpy() for f in trousers]
+    assert [int(p[0, 0, 0]) for p in pixels] == [8, 88] and pixels[0].shape == (28, 28, 1)
+
+    with pytest.raises(ValueError, match="fewer than the 4"):
+        samples.materialize("fashion_mnist_4")
+    for name in ("fashion_mnist_0", "../lfw_faces", "fashion_mnist_2/.."):
+        with pytest.raises(ValueError, match="Unknown sample"):
+            samples.materialize(name)
+    with open(files / "train-images-idx3-ubyte.gz", "rb") as f:
+        whole = f.read()
+    import gzip
+
+    with gzip.open(files / "train-images-idx3-ubyte.gz", "wb") as f:  # a byte short
+        f.write(gzip.decompress(whole)[:-1])
+    with pytest.raises(ValueError, match="declares shape .* damaged"):
+        samples.materialize("fashion_mnist_1")
