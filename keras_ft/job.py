@@ -145,46 +145,6 @@ def enter_final_stage(job: Job) -> None:
     freezing.apply_stage(job.model, f.stages[last], f.method, f.batchnorm, job.block_lr)
 
 
-# The stale-statistics check: how many training batches, and the accuracy
-# difference between the two BatchNorm modes that earns a warning.
-GAP_BATCHES = 10
-GAP_WARNING = 0.05
-
-
-def batchnorm_gap(job: Job) -> float | None:
-    """Training-mode minus inference-mode accuracy on training images, for a
-    model whose final stage trains BatchNorm layers on batch statistics (None
-    otherwise), logged with a warning and the fix when it exceeds
-    `GAP_WARNING`: inference mode doing worse is the symptom of moving
-    statistics that do not match the weights
-    (`keras_ft.freezing.train_eval_gap`). Inference mode may also do better:
-    batch statistics of a small batch are noisy."""
-    enter_final_stage(job)
-    accuracies = freezing.train_eval_gap(job.model, job.data.statistics_stream(), GAP_BATCHES)
-    if accuracies is None:
-        return None
-    inference, training = accuracies
-    gap = training - inference
-    if gap <= GAP_WARNING:  # inference mode as good: nothing stale
-        logging.info(
-            "BatchNorm statistics check: accuracy on training images %.3f in inference "
-            "mode, %.3f on batch statistics.", inference, training,
-        )
-        return gap
-    fix = (
-        "set freeze.precise_bn='final' to recompute them under the trained weights"
-        if job.spec.freeze.precise_bn == "off" else
-        "raise freeze.precise_bn_batches or train.global_batch_size, or use "
-        "freeze.batchnorm='frozen'"
-    )
-    logging.warning(
-        "BatchNorm statistics look stale: accuracy on training images is %.3f in "
-        "inference mode (what evaluation and the export use) but %.3f on batch "
-        "statistics (as trained); %s. See docs/batchnorm.md.", inference, training, fix,
-    )
-    return gap
-
-
 def enter_first_stage(job: Job) -> None:
     """Puts the model in the first freezing stage (what the range test measures)."""
     f = job.spec.freeze

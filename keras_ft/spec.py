@@ -75,6 +75,7 @@ class TrainSpec:
     steps_per_epoch: int  # 0 = one pass over the training set
     precision: str
     jit_compile: bool | str
+    fail_at_chance: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +234,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
                              note=" (0 = one pass over the training set)"),
         precision=checks.choice(t.precision, "train.precision", PRECISIONS),
         jit_compile=jit,
+        fail_at_chance=checks.boolean(t.fail_at_chance, "train.fail_at_chance"),
     )
 
     o = c.optimizer

@@ -21,7 +21,7 @@ import ml_collections
 from absl import logging
 
 from keras_ft import callbacks, checkpoint, distribute, freezing, job as job_lib, lr_finder
-from keras_ft import preemption, spec as spec_lib, workdir as workdir_lib
+from keras_ft import health, preemption, spec as spec_lib, workdir as workdir_lib
 
 
 def train(
@@ -182,7 +182,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     # --------------------------------------------------------- evaluate, export
     if spec.cached_epochs:  # the test step may have been traced for features last
         model.make_test_function(force=True)
-    bn_gap = job_lib.batchnorm_gap(job)
+    bn_gap = health.batchnorm_gap(job)
     results = model.evaluate(val_stream, verbose=0, return_dict=True)
     main = job.task.main_metric
     metrics = {
@@ -207,6 +207,13 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params
         metrics["trainable_fraction"] = schedule.info.fraction
+    chance = data.chance_level() if spec.train.fail_at_chance else None
+    metrics["chance_level"] = chance
+    try:
+        health.check_chance_level(metrics, chance, data.val_size, history)
+    except health.ChanceLevel:
+        workdir_lib.write_json(os.path.join(out, workdir_lib.METRICS_FILE), metrics)
+        raise
     if spec.export:
         path = job.task.export(
             model, os.path.join(out, workdir_lib.EXPORT), data.class_names, spec

@@ -7,6 +7,7 @@ Exit codes:
     3  launch.train: the training loss or weights became NaN or infinite
        launch.export: the TFLite model failed its parity check
     4  launch.train: multi-worker, another worker was lost; restart all
+    5  launch.train: the final validation result is at chance level
     42 launch.train: preempted (SIGTERM); saved, rerun to resume
 """
 

@@ -13,6 +13,8 @@ Exit codes:
        checkpoint is intact and finite: lower the learning rate and rerun
     4  multi-worker: another worker stopped or became unreachable mid-run;
        restart all workers (the job's own restart policy does)
+    5  the final validation result is at chance level (train.fail_at_chance):
+       one line names the likely cause and the fix; nothing was exported
     42 preempted: SIGTERM arrived, a checkpoint was saved at the next step
        boundary; rerun the same command to resume (TensorFlow's restart code)
 
@@ -29,6 +31,7 @@ from launch import cli
 
 EXIT_NON_FINITE_LOSS = 3
 EXIT_PEER_LOST = 4
+EXIT_CHANCE_LEVEL = 5
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py).", lock_config=True
@@ -46,13 +49,16 @@ def main(argv):
     # After flag parsing: TensorFlow is slow to import.
     import tensorflow as tf
 
-    from keras_ft import checkpoint, preemption, trainer
+    from keras_ft import checkpoint, health, preemption, trainer
 
     try:
         trainer.train(config, _WORKDIR.value)
     except FloatingPointError as e:  # callbacks.NonFiniteLoss, checkpoint.NonFiniteState
         cli.fail(e)
         return EXIT_NON_FINITE_LOSS
+    except health.ChanceLevel as e:
+        cli.fail(e)
+        return EXIT_CHANCE_LEVEL
     except checkpoint.Preempted as e:
         logging.warning("%s", e)
         return preemption.EXIT_PREEMPTED

@@ -80,6 +80,13 @@ class TaskData(abc.ABC):
         """Per-class loss weights for `fit(class_weight=...)`, or None."""
         return None
 
+    def chance_level(self) -> float | None:
+        """The best validation main metric a model that ignores its input
+        can score (e.g. always predicting the most frequent class), or None
+        for no such check. A run that ends there fails
+        (`keras_ft.health.check_chance_level`)."""
+        return None
+
 
 class Task(abc.ABC):
     """One fine-tuning problem on the shared recipe (see the module docstring)."""

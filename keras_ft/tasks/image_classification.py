@@ -15,6 +15,7 @@ of MixUp/CutMix. Main metric: accuracy. Export: the SavedModel of
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -134,6 +135,11 @@ class ImageData(base.TaskData):
             images, self._image_size, self._batch, training=False, resize=d.resize,
             one_hot=d.augment.mixes, sized=self._sized.get(split, images),
         )
+
+    def chance_level(self) -> float:
+        # Always predicting the most frequent validation class.
+        counts = np.bincount(self.val_set.labels, minlength=len(self.class_names))
+        return float(counts.max() / max(counts.sum(), 1))
 
     def statistics_stream(self) -> tf.data.Dataset:
         # The training stream's order (its first pass: a seeded permutation),
