@@ -35,6 +35,10 @@ def get_config(arg=None):
     config.model.weights_sha256 = ""  # SHA-256 of a weights file given by path
     config.model.image_size = 0  # input side in pixels; 0 = the backbone's default
     config.model.dropout = 0.2  # dropout before the new head
+    config.model.fold_dead_channels = True  # pretrained BatchNorm channels with
+    #   zero variance (constant in the source's data, e.g. MobileNetV2's 44
+    #   behind dead ReLUs) get variance 1: the same function, but frozen
+    #   BatchNorm no longer multiplies their input by 1/sqrt(epsilon) ~ 316
 
     config.data = ml_collections.ConfigDict()
     # Where the images come from (keras_ft.sources):

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from keras_ft import backbones, compat
 from keras_ft import weights as weights_lib
@@ -348,6 +349,7 @@ def build_classifier(
     weights_sha256: str | None = None,
     dropout: float = 0.2,
     class_names: Sequence[str] | None = None,
+    fold_dead_channels: bool = True,
 ) -> Classifier:
     """Builds a `Classifier` on a registry backbone with the given weights.
 
@@ -360,6 +362,8 @@ def build_classifier(
         weights_sha256: expected SHA-256 of a weights file given by path.
         dropout: dropout rate before the head.
         class_names: names of the classes, in label order.
+        fold_dead_channels: give pretrained BatchNorm channels with zero
+            variance the variance 1 (`keras_ft.weights.fold_dead_channels`).
     """
     spec = backbones.get(backbone)
     image_size = image_size or spec.default_size
@@ -372,6 +376,15 @@ def build_classifier(
             weights_lib.load_weights(net, backbone, weights, sha256=weights_sha256)
             or spec.preprocessing
         )
+    if weights is not None and fold_dead_channels:
+        channels, layers = weights_lib.fold_dead_channels(net)
+        if channels:
+            logging.info(
+                "%d BatchNorm channel(s) in %d layer(s) of the pretrained weights have zero "
+                "variance (constant in the source's data): set to 1, the same function, so "
+                "that fine-tuning does not amplify them (model.fold_dead_channels).",
+                channels, layers,
+            )
     return Classifier(
         net,
         num_classes,

@@ -42,6 +42,7 @@ class ModelSpec:
     weights_sha256: str | None
     image_size: int  # resolved: the backbone's default when the config says 0
     dropout: float
+    fold_dead_channels: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +220,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         weights_sha256=checks.text(c.model.weights_sha256, "model.weights_sha256") or None,
         image_size=image_size or backbones.get(backbone).default_size,
         dropout=checks.number(c.model.dropout, "model.dropout", 0, 1, open_high=True),
+        fold_dead_channels=checks.boolean(c.model.fold_dead_channels, "model.fold_dead_channels"),
     )
 
     data = resolve_data(c.data)

@@ -43,6 +43,7 @@ import tempfile
 
 
 import keras
+import numpy as np
 
 from keras_ft import backbones, imagenet_files, torch_legacy, workdir
 
@@ -413,3 +414,39 @@ def build_imagenet(backbone: str, image_size: int) -> keras.Model:
     """
     path = fetch_imagenet(imagenet_files.imagenet_file(backbone, image_size))
     return backbones.build(backbone, image_size, weights=path)
+
+
+# Dead channels
+# --------------------------------------------------------------------------
+
+# A BatchNorm channel whose moving variance is below this share of the
+# layer's epsilon was constant on the data the weights were trained on.
+DEAD_VARIANCE = 1e-3
+
+
+def fold_dead_channels(backbone: keras.Model) -> tuple[int, int]:
+    """Gives every BatchNorm channel with a ~zero moving variance (below
+    ``DEAD_VARIANCE`` x the layer's epsilon) the variance 1.
+
+    Such a channel was constant in the source model's data, typically behind
+    a ReLU that never fires (the imported MobileNetV2 has 44): its input is
+    its mean, so its output is β whatever the variance, and the pretrained
+    function does not change (tests/test_weights.py checks the features
+    against PyTorch's). But with BatchNorm frozen, as fine-tuning keeps it,
+    the channel multiplies whatever reaches it once the weights below move
+    by γ/sqrt(epsilon), 316γ at 1e-5: a few steps at a normal learning rate
+    can blow the activations up. With variance 1 the multiplier is γ.
+
+    Returns:
+        (channels changed, layers they are in).
+    """
+    channels = layers = 0
+    for layer in backbones.all_layers(backbone):
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        variance = keras.ops.convert_to_numpy(layer.moving_variance)
+        dead = variance < DEAD_VARIANCE * layer.epsilon
+        if dead.any():
+            layer.moving_variance.assign(np.where(dead, 1.0, variance).astype(variance.dtype))
+            channels, layers = channels + int(dead.sum()), layers + 1
+    return channels, layers

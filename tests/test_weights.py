@@ -130,6 +130,50 @@ def test_parity_with_pytorch(deep_sort_path):
     assert features.shape == expected.shape == (2, 1280)
     assert np.abs(features - expected).max() < 1e-4
     assert all(layer.epsilon == 1e-5 for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+    # Folding the dead channels (what build_classifier does) keeps the
+    # features: those channels are constant on real inputs.
+    assert weights.fold_dead_channels(backbone) == (44, 11)
+    folded = keras.ops.convert_to_numpy(backbone(inputs, training=False)).mean(axis=(1, 2))
+    assert np.abs(folded - expected).max() < 1e-4
+
+
+def _dead_channel_model(fold):
+    """Conv -> frozen BatchNorm (channel 0 dead: zero kernel, variance 0, as
+    imported MobileNetV2 has them) -> ReLU -> pool -> Dense."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+    bn = keras.layers.BatchNormalization(epsilon=1e-5)
+    x = keras.layers.ReLU()(bn(conv(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
+    kernel = conv.kernel.numpy()
+    kernel[..., 0] = 0.0
+    conv.kernel.assign(kernel)
+    bn.moving_variance.assign(np.array([0.0, 1.0, 1.0, 1.0], np.float32))
+    bn.gamma.assign(np.array([2.0, 1.0, 1.0, 1.0], np.float32))
+    bn.beta.assign(np.array([0.5, 0.0, 0.0, 0.0], np.float32))
+    bn.trainable = False  # frozen BatchNorm: inference mode while training
+    if fold:
+        assert weights.fold_dead_channels(model) == (1, 1)
+    return model
+
+
+def test_a_dead_channel_blows_up_fine_tuning_unless_folded():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8, 8, 3)).astype(np.float32)
+    y = (x[:, :, :, 0].mean(axis=(1, 2)) > 0).astype(np.int32)
+    results = {}
+    for fold in (False, True):
+        model = _dead_channel_model(fold)
+        before = model.predict(x, verbose=0)
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=16, epochs=4, verbose=0, shuffle=False)
+        results[fold] = (before, history.history["loss"])
+    np.testing.assert_allclose(results[True][0], results[False][0], atol=1e-6)  # same function
+    unfolded, folded = results[False][1], results[True][1]
+    assert not np.isfinite(unfolded[-1]) or unfolded[-1] > 10 * unfolded[0], unfolded
+    assert np.isfinite(folded[-1]) and folded[-1] < folded[0], folded
 
 
 def test_shape_mismatch_names_key(deep_sort_path):

@@ -182,6 +182,7 @@ class ImageClassification(base.Task):
             weights_sha256=m.weights_sha256,
             dropout=m.dropout,
             class_names=class_names,
+            fold_dead_channels=m.fold_dead_channels,
         )
 
     def loss_and_metrics(self, spec) -> tuple:
