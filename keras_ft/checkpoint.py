@@ -239,6 +239,8 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
             worker of a multi-worker run saves at the same step (a save
             reads the metric sums, a collective) and stops together when
             any of them is preempted. Default: each worker decides alone.
+        more_state: a function of no arguments giving more JSON-able state
+            as it is at the save (e.g. `keras_ft.health.LossGuard.state`).
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         preemption=None,
         describe_stage=None,
         agree=None,
+        more_state=None,
     ):
         super().__init__()
         if every_steps < 0 or every_seconds < 0:
@@ -268,6 +271,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         self.preemption = preemption
         self.describe_stage = describe_stage
         self.agree = agree or (lambda flags: flags)
+        self.more_state = more_state or dict
         self.metric_sums = None  # a resumed epoch's partial metric sums
         self._epoch = 0
         self._last_save = time.monotonic()
@@ -277,6 +281,12 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         metrics had summed to `metric_sums` (from the checkpoint's state)."""
         super().resume_at(step)
         self.metric_sums = metric_sums if step else None
+
+    def save_start(self, model) -> str:
+        """Saves `model` as it is before its first training step: what a
+        rollback (keras_ft.health) in the first epoch returns to."""
+        self.set_model(model)
+        return self._save(0, 0, None)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -323,6 +333,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
     def _save(self, epoch: int, step: int, metric_sums) -> str:
         state = dict(
             self.extra,
+            **self.more_state(),
             epoch=epoch,
             step=step,
             steps_per_epoch=self.steps_per_epoch,

@@ -415,6 +415,7 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         self.steps_per_epoch = steps_per_epoch
         self.current = None
         self.info = None
+        self.lr_factors: dict[int, float] = {}  # stage index -> extra rate factor
         self._epoch = 0
 
     def describe(self) -> str | None:
@@ -444,6 +445,8 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         if index == self.current:
             return
         stage = self.stages[index]
+        if index in self.lr_factors:  # lowered by loss-spike rollbacks (keras_ft.health)
+            stage = dataclasses.replace(stage, lr_scale=stage.lr_scale * self.lr_factors[index])
         self.info = apply_stage(self.model, stage, self.method, self.bn_policy, self.block_lr)
         # The train step was traced for the old variable set and multipliers.
         self.model.make_train_function(force=True)

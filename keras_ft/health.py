@@ -5,15 +5,24 @@
 - `check_chance_level`: a final result no better than a model that ignores
   its input (always the most frequent class) fails the run
   (`ChanceLevel`, exit 5 in `launch.train`) instead of exporting it.
+- `LossGuard`: a training loss that jumps far above its recent level, or
+  is not finite, stops `fit()` before anything is saved (`LossSpike`); the
+  trainer rolls back to the last checkpoint and lowers that stage's rate
+  (`Recoveries`), at most `train.max_recoveries` times (then
+  `TooManySpikes`, exit 3).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
+import keras
+import numpy as np
 from absl import logging
 
-from keras_ft import freezing, job as job_lib
+from keras_ft import callbacks, freezing, job as job_lib, workdir as workdir_lib
 
 
 class ChanceLevel(Exception):
@@ -105,3 +114,150 @@ def check_chance_level(metrics: dict, chance: float | None, examples: int, histo
         f"frequent class scores {chance:.3f} on these {examples} examples); likely "
         f"cause: {cause}. Nothing was exported; the checkpoints and metrics.json are kept."
     )
+
+
+# ------------------------------------------------------------- loss spikes
+
+# The level a batch's loss is compared with: the median of the last
+# SPIKE_WINDOW accepted batch losses, once there are SPIKE_MIN_WINDOW.
+SPIKE_WINDOW = 50
+SPIKE_MIN_WINDOW = 20
+
+
+class LossSpike(Exception):
+    """The loss of one training step jumped above its level (or is not
+    finite); `fit()` stopped before the step could be saved."""
+
+    def __init__(self, epoch: int, step: int, global_step: int, loss: float, level: float | None):
+        self.epoch, self.step, self.global_step = epoch, step, global_step
+        self.loss, self.level = loss, level
+        what = (
+            f"{loss:.4g} is not finite" if not math.isfinite(loss)
+            else f"{loss:.4g} is {loss / level:.1f}x its recent level {level:.4g}"
+        )
+        super().__init__(f"Training loss at epoch {epoch + 1}, step {step} (global step {global_step}): {what}.")
+
+
+class TooManySpikes(FloatingPointError):
+    """The run spiked again after `train.max_recoveries` rollbacks."""
+
+
+class LossGuard(callbacks.ResumableStep, keras.callbacks.Callback):
+    """Raises `LossSpike` after a training step whose loss is not finite, or
+    (with `factor` > 0) more than `factor` times the median of the last
+    `SPIKE_WINDOW` step losses. Put it before the checkpoint callback: a
+    spiking step is never saved.
+
+    The step's own loss is read from the loss metric's sums (its change over
+    the step; the logs carry the epoch's running mean), so it is the loss of
+    the global batch under any strategy. The window is part of the run's
+    state (`state()`, `restore()`): a resumed run judges each step as an
+    uninterrupted one does.
+
+    Args:
+        factor: the jump that counts as a spike; 0: only non-finite losses.
+        steps_per_epoch: the run's steps per epoch (for the global step).
+    """
+
+    def __init__(self, factor: float, steps_per_epoch: int):
+        super().__init__()
+        self.factor = factor
+        self.steps_per_epoch = steps_per_epoch
+        self.window: list[float] = []
+        self.max_ratio = 0.0  # the largest loss / level of an accepted step
+        self._epoch = 0
+        self._before = (0.0, 0.0)
+
+    def state(self) -> dict:
+        return {"loss_window": list(self.window), "loss_max_ratio": self.max_ratio}
+
+    def restore(self, state: dict | None) -> None:
+        state = state or {}
+        self.window = list(state.get("loss_window", []))
+        self.max_ratio = float(state.get("loss_max_ratio", 0.0))
+
+    def _sums(self) -> tuple[float, float]:
+        tracker = next(m for m in self.model.metrics if m.name == "loss")
+        return float(tracker.total.numpy()), float(tracker.count.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.end_resumed_epoch()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._before = self._sums()
+
+    def on_train_batch_end(self, batch, logs=None):
+        total, count = self._sums()
+        loss = (total - self._before[0]) / (count - self._before[1])
+        step = self.step_in_epoch(batch)
+        level = float(np.median(self.window)) if len(self.window) >= SPIKE_MIN_WINDOW else None
+        spike = not math.isfinite(loss) or (
+            self.factor > 0 and level is not None and loss > self.factor * level
+        )
+        if spike:
+            raise LossSpike(
+                self._epoch, step, self._epoch * self.steps_per_epoch + step, loss, level
+            )
+        if level:
+            self.max_ratio = max(self.max_ratio, loss / level)
+        self.window = (self.window + [loss])[-SPIKE_WINDOW:]
+
+
+class Recoveries:
+    """The rollbacks of a run: each spike's step, loss and level, and the
+    factor it put on its stage's learning rate. Kept in
+    `checkpoints/recoveries.json` (written before the rollback, so a run
+    killed during one resumes with it) and in every checkpoint's state.
+
+    Args:
+        directory: the run's checkpoint folder.
+        limit: `train.max_recoveries`.
+        factor: `train.recovery_lr_factor`.
+    """
+
+    FILE = "recoveries.json"
+
+    def __init__(self, directory: str, limit: int, factor: float):
+        self.path = os.path.join(directory, self.FILE)
+        self.limit, self.factor = limit, factor
+        self.events: list[dict] = []
+
+    def load(self, read_directory: str) -> None:
+        """The events of a resumed run (the chief's file)."""
+        path = os.path.join(read_directory, self.FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                self.events = json.load(f)
+            logging.info("Resuming after %d loss-spike rollback(s): %s.", len(self.events), path)
+
+    def lr_factors(self) -> dict[int, float]:
+        """Stage index -> the product of its recoveries' rate factors."""
+        factors: dict[int, float] = {}
+        for event in self.events:
+            factors[event["stage"]] = factors.get(event["stage"], 1.0) * event["lr_factor"]
+        return factors
+
+    def record(self, spike: LossSpike, stage: int, stage_name: str) -> None:
+        """Adds the event for `spike` in `stage` (0-based), or raises
+        `TooManySpikes` when the run has used its recoveries."""
+        if len(self.events) >= self.limit:
+            history = "; ".join(
+                f"step {e['global_step']}: loss {e['loss']} (stage {e['stage'] + 1})"
+                for e in self.events
+            )
+            raise TooManySpikes(
+                f"{spike} Rolled back {len(self.events)} time(s) already"
+                f"{' (' + history + ')' if history else ''}; stopping. The last checkpoint "
+                "is intact: lower optimizer.learning_rate or set optimizer.clip_norm=1.0, "
+                "then rerun to resume (train.max_recoveries allows more rollbacks)."
+            )
+        self.events.append({
+            "global_step": spike.global_step, "epoch": spike.epoch + 1, "step": spike.step,
+            "loss": spike.loss if math.isfinite(spike.loss) else str(spike.loss),  # JSON has no NaN
+            "level": spike.level, "stage": stage, "stage_name": stage_name,
+            "lr_factor": self.factor,
+        })
+        workdir_lib.write_json(self.path, self.events)

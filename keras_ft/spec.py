@@ -77,6 +77,9 @@ class TrainSpec:
     precision: str
     jit_compile: bool | str
     fail_at_chance: bool
+    loss_spike_factor: float
+    max_recoveries: int
+    recovery_lr_factor: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +240,11 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         precision=checks.choice(t.precision, "train.precision", PRECISIONS),
         jit_compile=jit,
         fail_at_chance=checks.boolean(t.fail_at_chance, "train.fail_at_chance"),
+        loss_spike_factor=checks.number(t.loss_spike_factor, "train.loss_spike_factor", 0),
+        max_recoveries=checks.integer(t.max_recoveries, "train.max_recoveries", 0),
+        recovery_lr_factor=checks.number(
+            t.recovery_lr_factor, "train.recovery_lr_factor", 0, 1, open_low=True, open_high=True
+        ),
     )
 
     o = c.optimizer

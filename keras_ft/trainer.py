@@ -102,7 +102,15 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     throughput = callbacks.Throughput(job.batch)
     progress = callbacks.ProgressLog(spec.train.epochs)
     progress.steps_per_epoch = job.steps_per_epoch
-    stop_on_nan = callbacks.StopOnNonFiniteLoss()
+    guard = health.LossGuard(spec.train.loss_spike_factor, job.steps_per_epoch)
+    guard.restore(state)
+    recoveries = health.Recoveries(
+        os.path.join(out, workdir_lib.CHECKPOINTS), spec.train.max_recoveries,
+        spec.train.recovery_lr_factor,
+    )
+    if state is not None:
+        recoveries.load(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+    schedule.lr_factors = recoveries.lr_factors()
     precise_bn = freezing.PreciseBatchNorm(
         data.statistics_stream, spec.freeze.precise_bn_batches, spec.train.epochs,
         when=spec.freeze.precise_bn, steps_per_epoch=job.steps_per_epoch,
@@ -117,12 +125,13 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         preemption=watch,
         describe_stage=schedule.describe,
         agree=lambda flags: distribute.any_worker(strategy, flags),
+        more_state=lambda: dict(guard.state(), recoveries=recoveries.events),
     )
     history_path = os.path.join(out, workdir_lib.HISTORY_FILE)
     fit_callbacks = [
         schedule,
         freezing.BlockDrift(),
-        stop_on_nan,  # before the save: a NaN step is never checkpointed
+        guard,  # before the save: a spiking or NaN step is never checkpointed
         precise_bn,  # after an epoch's last step: before its validation and save
         throughput,
         keras.callbacks.TensorBoard(os.path.join(out, workdir_lib.TENSORBOARD)),
@@ -130,12 +139,14 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         saver,  # after the metrics' callbacks: the epoch's logs are complete
         callbacks.WriteHistory(history_path, history),  # after the saver adds the epoch
     ] + extra_callbacks
-    resumable = (schedule, stop_on_nan, progress, precise_bn)
+    resumable = (schedule, guard, progress, precise_bn)
     if watch.requested:  # SIGTERM during start-up: nothing new to save
         raise checkpoint.Preempted(
             state["path"] if state else None, epoch * job.steps_per_epoch + step
         )
 
+    if state is None:  # the start, as a checkpoint: a rollback target
+        saver.save_start(model)
     class_weight = data.class_weight()
     val_stream = distribute.shard_by_data(data.eval_stream("val"))
     if epoch < spec.train.epochs:
@@ -162,20 +173,25 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         for callback in resumable:
             callback.resume_at(step)
         saver.resume_at(step, state.get("metric_sums") if state else None)
-        model.fit(
-            distribute.shard_by_data(data.train_stream(skip, features_of=features_of)),
-            validation_data=(
-                distribute.shard_by_data(data.eval_stream("val", features_of=model))
-                if cached else val_stream
-            ),
-            epochs=end,
-            initial_epoch=epoch,
-            steps_per_epoch=job.steps_per_epoch - step,
-            callbacks=fit_callbacks,
-            class_weight=class_weight,
-            shuffle=False,  # the stream is already shuffled, by seed and pass
-            verbose=0,  # ProgressLog prints the lines that matter
-        )
+        try:
+            model.fit(
+                distribute.shard_by_data(data.train_stream(skip, features_of=features_of)),
+                validation_data=(
+                    distribute.shard_by_data(data.eval_stream("val", features_of=model))
+                    if cached else val_stream
+                ),
+                epochs=end,
+                initial_epoch=epoch,
+                steps_per_epoch=job.steps_per_epoch - step,
+                callbacks=fit_callbacks,
+                class_weight=class_weight,
+                shuffle=False,  # the stream is already shuffled, by seed and pass
+                verbose=0,  # ProgressLog prints the lines that matter
+            )
+        except health.LossSpike as spike:  # back to the last checkpoint, gentler
+            state = _roll_back(spike, manager, schedule, guard, recoveries, history)
+            epoch, step = state["epoch"], state["step"]
+            continue
         epoch, step = end, 0
     workdir_lib.write_history(history_path, history)
 
@@ -203,6 +219,9 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         # Training-mode minus inference-mode accuracy on training images, when
         # BatchNorm layers train on batch statistics (docs/batchnorm.md).
         "bn_train_eval_gap": bn_gap,
+        # Loss-spike rollbacks, and how close accepted steps came to one.
+        "recoveries": recoveries.events,
+        "loss_spike_max_ratio": guard.max_ratio,
     }
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params
@@ -249,6 +268,28 @@ def _restore(manager, job: job_lib.Job, has_checkpoints: bool) -> dict | None:
     logging.info(
         "Resumed from %s: %d epoch(s) and %d step(s) done (global step %d), stage %s.",
         state["path"], state["epoch"], state["step"], state["global_step"], state["stage"],
+    )
+    return state
+
+
+def _roll_back(spike, manager, schedule, guard, recoveries, history: list) -> dict:
+    """After a loss spike: records it (or gives up, `health.TooManySpikes`),
+    restores the last checkpoint and lowers the spiking stage's rate for the
+    rest of the run. Returns the restored checkpoint's state."""
+    stage = schedule.current or 0
+    recoveries.record(spike, stage, schedule.describe())
+    state = manager.restore_latest()
+    if state is None:
+        raise health.TooManySpikes(f"{spike} There is no checkpoint to roll back to.")
+    history[:] = state["history"]
+    guard.restore(state)
+    schedule.lr_factors = recoveries.lr_factors()
+    schedule.current = None  # re-entered at the next step, at the new rate
+    logging.warning(
+        "%s Rolled back to %s (epoch %d, step %d); stage %d now trains at x%.3g its "
+        "rate (rollback %d of at most %d).", spike, state["path"], state["epoch"] + 1,
+        state["step"], stage + 1, schedule.lr_factors[stage], len(recoveries.events),
+        recoveries.limit,
     )
     return state
 

@@ -64,3 +64,99 @@ def test_a_chance_level_run_exits_5_and_exports_nothing(tmp_path, images):
         metrics = json.load(f)
     chance, examples = metrics["chance_level"], metrics["val_images"]
     assert chance == 0.5 and metrics["val_accuracy"] <= chance + health.chance_margin(chance, examples)
+
+
+# ------------------------------------------------------------- loss spikes
+
+
+def _spiky_run(workdir, monkeypatch, corrupt_at=21, kill_in_recovery=False, **overrides):
+    """A tiny run of 2 x 12 steps whose batch `corrupt_at` (0-based, global)
+    weighs 100x in the loss the first time the stream is read: a transient
+    fault that is also a one-step rate jump."""
+    from keras_ft import trainer
+    from keras_ft.tasks import image_classification
+    from runs import tiny_config
+
+    real = image_classification.ImageData.train_stream
+    calls = []
+
+    def train_stream(self, skip_batches=0, features_of=None):
+        ds = real(self, skip_batches, features_of)
+        calls.append(skip_batches)
+        if len(calls) > 1:
+            return ds
+        return ds.enumerate(skip_batches).map(lambda i, batch: (
+            batch[0], batch[1], tf.fill(tf.shape(batch[1])[:1], tf.where(i == corrupt_at, 100.0, 1.0))
+        ))
+
+    monkeypatch.setattr(image_classification.ImageData, "train_stream", train_stream)
+    if kill_in_recovery:  # the process dies as the rollback starts
+        restore = checkpoint.CheckpointManager.restore_latest
+        restores = []
+
+        def dies(self):
+            restores.append(1)
+            if len(restores) > 1:  # the first is the start's
+                raise KeyboardInterrupt
+            return restore(self)
+
+        monkeypatch.setattr(checkpoint.CheckpointManager, "restore_latest", dies)
+    # (tiny's random-init model is itself unstable at its rate of 0.01)
+    config = tiny_config({"train.steps_per_epoch": 12, "optimizer.learning_rate": 0.001, **overrides})
+    try:
+        return trainer.train(config, str(workdir)), calls
+    finally:
+        monkeypatch.undo()
+
+
+import tensorflow as tf  # noqa: E402
+from keras_ft import checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spiked(tmp_path_factory):
+    monkeypatch = pytest.MonkeyPatch()
+    workdir = tmp_path_factory.mktemp("spiked")
+    metrics, calls = _spiky_run(workdir, monkeypatch)
+    return metrics, calls, workdir
+
+
+def test_a_spike_rolls_back_to_the_last_checkpoint_at_a_lower_rate(spiked):
+    metrics, calls, workdir = spiked
+    (event,) = metrics["recoveries"]
+    # Step 22 of 24 spiked; the run went back to the end of epoch 1 (step 12)
+    # and trained epoch 2 again with stage 2's rate x0.3.
+    assert event["global_step"] == 22 and event["stage"] == 1 and event["lr_factor"] == 0.3
+    assert event["loss"] > 4 * event["level"]
+    assert calls == [0, 12]  # the stream read again from the checkpoint's step
+    assert metrics["steps"] == 24 and metrics["epochs"] == 2
+    assert 1 < metrics["loss_spike_max_ratio"] < 4  # the normal steps stayed below
+    with open(os.path.join(workdir, "checkpoints", "recoveries.json")) as f:
+        assert json.load(f) == metrics["recoveries"]
+    with open(os.path.join(workdir, "history.csv")) as f:
+        assert len(f.read().splitlines()) == 3  # header and two epochs, not three
+    # The rate is checkpoint state: the last checkpoint has stage 2 at x0.3.
+    from keras_ft import job as job_lib
+
+    model, state, _ = job_lib.load_trained(str(workdir))
+    assert state["recoveries"] == metrics["recoveries"]
+    assert float(model.optimizer.lr_scale.numpy()) == pytest.approx(0.5 * 0.3)
+
+
+def test_a_kill_during_the_rollback_resumes_exactly(tmp_path, spiked, monkeypatch):
+    with pytest.raises(KeyboardInterrupt):
+        _spiky_run(tmp_path, monkeypatch, kill_in_recovery=True)
+    with open(tmp_path / "checkpoints" / "recoveries.json") as f:
+        assert len(json.load(f)) == 1  # recorded before the rollback began
+    resumed, _ = _spiky_run(tmp_path, monkeypatch, corrupt_at=-1)  # the fault was transient
+    assert resumed["recoveries"] == spiked[0]["recoveries"]
+    assert resumed["weights_sha256"] == spiked[0]["weights_sha256"]
+
+
+def test_spikes_beyond_max_recoveries_stop_the_run(tmp_path, monkeypatch):
+    with pytest.raises(health.TooManySpikes, match="Rolled back 0 time"):
+        _spiky_run(tmp_path, monkeypatch, **{"train.max_recoveries": 0})
+    # Nothing after the last good checkpoint was saved.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "ckpt-000000000", "ckpt-000000012", "recoveries.json"
+    ] or sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt-000000000", "ckpt-000000012"]
