@@ -193,12 +193,15 @@ def test_sigterm_saves_at_the_step_exits_42_and_resumes(tmp_path, images):
 def test_nan_stops_with_exit_3_keeps_finite_checkpoints_and_resumes_at_lower_lr(
     tmp_path, images
 ):
+    # The NaN comes back at step 7 after every rollback (the fault injects it
+    # again), so the run rolls back train.max_recoveries = 3 times, then stops.
     workdir = tmp_path / "run"
     failed = run_fault(workdir, "nan", 7, *flags(images))
     assert failed.returncode == 3, failed.stderr[-3000:]
     line = error_line(failed)
-    assert "Training loss is nan at epoch 2, step 3" in line
-    assert "Lower optimizer.learning_rate" in line
+    assert "Training loss at epoch 2, step 3 (global step 7): nan is not finite" in line
+    assert "Rolled back 3 time(s) already" in line and "lower optimizer.learning_rate" in line
+    assert failed.stderr.count("Rolled back to") == 3
     assert checkpoints(workdir) == ["ckpt-000000004", "ckpt-000000006"]
     for name in checkpoints(workdir):
         reader = tf.train.load_checkpoint(str(workdir / "checkpoints" / name / "ckpt"))
