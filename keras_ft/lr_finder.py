@@ -333,9 +333,53 @@ def plot(test: RangeTest, path: str, title: str = "") -> None:
     fig.savefig(path, bbox_inches="tight")
 
 
-def save(test: RangeTest, directory: str, title: str = "", extra: dict | None = None) -> dict:
+def plot_curves(curves: list, path: str, title: str = "") -> None:
+    """Writes several range tests' smoothed losses on one plot, each with its
+    suggestion (e.g. one per freezing stage, `keras_ft.lr_stages`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    tops, bottoms = [], []
+    for (label, test), color in zip(curves, ("tab:blue", "tab:red", "tab:green", "tab:purple",
+                                             "tab:brown", "tab:olive")):
+        lrs, smoothed = test.learning_rates, test.smoothed
+        finite = smoothed[np.isfinite(smoothed)]
+        ax.plot(lrs, smoothed, color=color, lw=2.0, label=label)
+        i = int(np.argmin(np.abs(np.log(lrs) - math.log(test.valley))))
+        ax.plot([test.valley], [smoothed[i]], "o", color=color, ms=9, mec="black",
+                label=f"suggested: {test.valley:.2g}")
+        tops.append(min(float(finite.max()), 1.6 * float(np.nanmax(smoothed[: test.valley_span[1] + 1]))))
+        bottoms.append(float(finite.min()))
+    margin = 0.05 * ((max(tops) - min(bottoms)) or 1.0)
+    ax.set_ylim(min(bottoms) - margin, max(tops) + margin)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale), in units of optimizer.learning_rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title(f"LR range test per stage{': ' + title if title else ''}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=9, frameon=False)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def write_curve(test: RangeTest, path: str) -> None:
+    """The test's curve as CSV: step, lr, loss, smoothed_loss."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "lr", "loss", "smoothed_loss"])
+        for i, row in enumerate(zip(test.learning_rates, test.losses, test.smoothed)):
+            writer.writerow([i] + [f"{x:.8g}" for x in row])
+
+
+def save(
+    test: RangeTest, directory: str, title: str = "", extra: dict | None = None,
+    curves: list | None = None,
+) -> dict:
     """Writes `lr_find.csv` (step, lr, loss, smoothed_loss), `lr_find.json`
-    (the suggestions and `extra`) and `lr_find.png` into `directory`.
+    (the suggestions and `extra`) and `lr_find.png` into `directory`; the
+    plot shows `curves` (`(label, RangeTest)` pairs) instead when given.
 
     Returns:
         The paths written, by kind ("csv", "json", "png").
@@ -343,13 +387,12 @@ def save(test: RangeTest, directory: str, title: str = "", extra: dict | None = 
     os.makedirs(directory, exist_ok=True)
     paths = {kind: os.path.join(directory, name) for kind, name in
              (("csv", CSV_FILE), ("json", JSON_FILE), ("png", PNG_FILE))}
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "lr", "loss", "smoothed_loss"])
-        for i, row in enumerate(zip(test.learning_rates, test.losses, test.smoothed)):
-            writer.writerow([i] + [f"{x:.8g}" for x in row])
+    write_curve(test, paths["csv"])
     try:
-        plot(test, paths["png"], title)
+        if curves:
+            plot_curves(curves, paths["png"], title)
+        else:
+            plot(test, paths["png"], title)
     except ImportError:
         logging.warning("matplotlib is not installed: no %s written.", PNG_FILE)
         del paths["png"]

@@ -20,7 +20,7 @@ import keras
 import ml_collections
 from absl import logging
 
-from keras_ft import callbacks, checkpoint, distribute, freezing, job as job_lib, lr_finder
+from keras_ft import callbacks, checkpoint, distribute, freezing, job as job_lib, lr_stages
 from keras_ft import health, preemption, spec as spec_lib, workdir as workdir_lib
 
 
@@ -91,8 +91,9 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
             model.optimizer.learning_rate = rate
 
     # --------------------------------------- learning rate "auto" (range test)
+    auto_factors = {}
     if spec.optimizer.auto:
-        _set_automatic_rate(job, os.path.join(workdir, "lr_find"), fresh=state is None)
+        auto_factors = _set_automatic_rate(job, os.path.join(workdir, "lr_find"), fresh=state is None)
 
     # --------------------------------------------------------------------- fit
     schedule = freezing.StageSchedule(
@@ -110,7 +111,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     )
     if state is not None:
         recoveries.load(os.path.join(workdir, workdir_lib.CHECKPOINTS))
-    schedule.lr_factors = recoveries.lr_factors()
+    schedule.lr_factors = _stage_factors(auto_factors, recoveries)
     precise_bn = freezing.PreciseBatchNorm(
         data.statistics_stream, spec.freeze.precise_bn_batches, spec.train.epochs,
         when=spec.freeze.precise_bn, steps_per_epoch=job.steps_per_epoch,
@@ -190,6 +191,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
             )
         except health.LossSpike as spike:  # back to the last checkpoint, gentler
             state = _roll_back(spike, manager, schedule, guard, recoveries, history)
+            schedule.lr_factors = _stage_factors(auto_factors, recoveries)
             epoch, step = state["epoch"], state["step"]
             continue
         epoch, step = end, 0
@@ -283,33 +285,35 @@ def _roll_back(spike, manager, schedule, guard, recoveries, history: list) -> di
         raise health.TooManySpikes(f"{spike} There is no checkpoint to roll back to.")
     history[:] = state["history"]
     guard.restore(state)
-    schedule.lr_factors = recoveries.lr_factors()
-    schedule.current = None  # re-entered at the next step, at the new rate
+    schedule.current = None  # re-entered at the next step, at its new rate
     logging.warning(
         "%s Rolled back to %s (epoch %d, step %d); stage %d now trains at x%.3g its "
         "rate (rollback %d of at most %d).", spike, state["path"], state["epoch"] + 1,
-        state["step"], stage + 1, schedule.lr_factors[stage], len(recoveries.events),
+        state["step"], stage + 1, recoveries.lr_factors()[stage], len(recoveries.events),
         recoveries.limit,
     )
     return state
 
 
-def _set_automatic_rate(job: job_lib.Job, lr_dir: str, fresh: bool) -> None:
-    """`optimizer.learning_rate="auto"`: a fresh run takes the range test's
-    suggestion for its first stage; a resumed run the one it started with."""
+def _set_automatic_rate(job: job_lib.Job, lr_dir: str, fresh: bool) -> dict[int, float]:
+    """`optimizer.learning_rate="auto"`: a fresh run takes the range tests'
+    suggestions, one per stage that trains new variables (`keras_ft.lr_stages`);
+    a resumed run the ones it started with. Returns the stages' rate factors."""
     if fresh:
-        job_lib.enter_first_stage(job)
-        finder = job.spec.optimizer.lr_find
-        found = lr_finder.find_learning_rate(
-            job.model, job.data.train_stream(), finder.start_lr, finder.end_lr, finder.steps
-        )
-        lr_finder.save(found, lr_dir, f"stage 1, {job.spec.freeze.stages[0].describe()}")
-        rate = found.suggestion
+        rates = lr_stages.find(job, lr_dir, job.spec.model.backbone)
     else:
-        rate = lr_finder.load_suggestion(lr_dir)
-    job.model.optimizer.learning_rate = job.spec.learning_rate(job.total_steps, peak=rate)
+        rates = lr_stages.load(lr_dir)
+    job.model.optimizer.learning_rate = job.spec.learning_rate(job.total_steps, peak=rates.base)
     job.model.make_train_function(force=True)  # the step was traced with the old rate
     logging.info(
-        "optimizer.learning_rate=auto: %.4g, %s %s.", rate,
-        "found by the range test in" if fresh else "resumed from", lr_dir,
+        "optimizer.learning_rate=auto: %.4g, stage rate factors %s, %s %s.", rates.base,
+        ", ".join(f"{i + 1}: x{v:.3g}" for i, v in sorted(rates.factors.items())) or "none",
+        "found by the range tests in" if fresh else "resumed from", lr_dir,
     )
+    return rates.factors
+
+
+def _stage_factors(auto: dict[int, float], recoveries: health.Recoveries) -> dict[int, float]:
+    """Each stage's rate factor: the range tests' times the rollbacks'."""
+    rollbacks = recoveries.lr_factors()
+    return {i: auto.get(i, 1.0) * rollbacks.get(i, 1.0) for i in set(auto) | set(rollbacks)}

@@ -3,20 +3,24 @@
     python -m launch.lr_find --config=configs/quickstart.py --workdir=/tmp/qs_lr
 
 Builds the model and data exactly as `launch.train` would (same config file
-and overrides, same strategy), puts the model in its first freezing stage,
-runs `keras_ft.lr_finder.find_learning_rate` over the training stream
-(`optimizer.lr_find.*`), and writes
+and overrides, same strategy) and runs `keras_ft.lr_finder.find_learning_rate`
+over the training stream (`optimizer.lr_find.*`) in each freezing stage that
+trains a new set of blocks (`keras_ft.lr_stages`), and writes
 
-    WORKDIR/lr_find/lr_find.csv    step, lr, loss, smoothed_loss
-    WORKDIR/lr_find/lr_find.png    the curve with both suggestions
-    WORKDIR/lr_find/lr_find.json   the suggestions (valley = "suggestion")
+    WORKDIR/lr_find/lr_find.csv         stage 1: step, lr, loss, smoothed_loss
+    WORKDIR/lr_find/lr_find_stageK.csv  each further tested stage's curve
+    WORKDIR/lr_find/lr_find.png         the curves with their suggestions
+    WORKDIR/lr_find/lr_find.json        the suggestions: stage 1's ("suggestion",
+                                        the learning rate) and each stage's
 
-then prints the suggestion. It trains nothing that is kept: the model is
-restored after the test and no checkpoint is written. Pass the value with
-`--config.optimizer.learning_rate=...`, or let `launch.train` run the test
-itself with `--config.optimizer.learning_rate=auto`.
+then prints them. It trains nothing that is kept: the model is restored after
+each test and no checkpoint is written. Pass stage 1's value with
+`--config.optimizer.learning_rate=...` (and the stages' factors to their
+`lr_scale`), or let `launch.train` run the tests itself with
+`--config.optimizer.learning_rate=auto`.
 
-Runtime: about 15 s for configs/quickstart.py on 2 CPU cores (100 steps).
+Runtime: about 15 s per tested stage for configs/quickstart.py on 2 CPU
+cores (100 steps each).
 Exit codes as `launch.train`: 0 success, 1 a bug, 2 bad input.
 """
 
@@ -31,34 +35,36 @@ FLAGS = flags.FLAGS
 
 
 def run(config, workdir: str) -> dict:
-    """The range test of `config`'s first stage; returns the saved summary."""
-    from keras_ft import job as job_lib, lr_finder, spec as spec_lib
+    """The range tests of `config`'s stages; returns the saved summary."""
+    import json
+
+    from keras_ft import job as job_lib, lr_finder, lr_stages, spec as spec_lib
 
     spec = spec_lib.resolve(config)
     job = job_lib.assemble(spec)
     job_lib.reestimate_if_configured(job)
-    job_lib.enter_first_stage(job)
-    finder = spec.optimizer.lr_find
-    test = lr_finder.find_learning_rate(
-        job.model, job.data.train_stream(),  # augmented as launch.train's
-        finder.start_lr, finder.end_lr, finder.steps,
-    )
     directory = os.path.join(workdir, "lr_find")
-    title = f"{spec.model.backbone}, stage 1: {spec.freeze.stages[0].describe()}"
-    paths = lr_finder.save(
-        test, directory, title,
-        extra={"stage": 1, "global_batch_size": job.batch, "data": spec.data.source},
+    rates = lr_stages.find(job, directory, spec.model.backbone)  # augmented as launch.train's
+    first = rates.tests[0]
+    lines = [
+        f"Suggested learning rate (valley): {first.valley:.3g}; steepest descent: "
+        f"{first.steepest:.3g}; {len(first.losses)} steps"
+        f"{', stopped on divergence' if first.diverged else ''}."
+    ]
+    for i, test in rates.tests.items():
+        if i:
+            lines.append(
+                f"Stage {i + 1} ({spec.freeze.stages[i].describe()}): suggestion {test.valley:.3g}, "
+                f"so its lr_scale x{rates.factors[i]:.3g}."
+            )
+    lines.append(
+        f"Use --config.optimizer.learning_rate={first.valley:.3g} (or =auto in launch.train, "
+        "which also applies the stages' factors)."
     )
-    summary = test.summary()
-    print(
-        f"Suggested learning rate (valley): {test.valley:.3g}; steepest descent: "
-        f"{test.steepest:.3g}; {summary['steps_run']} steps"
-        f"{', stopped on divergence' if test.diverged else ''}.\n"
-        f"Use --config.optimizer.learning_rate={test.valley:.3g} "
-        "(or =auto in launch.train).\n"
-        f"Wrote {', '.join(sorted(paths.values()))}"
-    )
-    return summary
+    lines.append(f"Wrote {directory}/{{{', '.join(sorted(os.listdir(directory)))}}}")
+    print("\n".join(lines))
+    with open(os.path.join(directory, lr_finder.JSON_FILE)) as f:
+        return json.load(f)
 
 
 def main(argv):

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import keras_ft
 from conftest import REPO, run_train
-from keras_ft import data, freezing, lr_finder, schedules, sources, trainer
+from keras_ft import backbones, data, freezing, lr_finder, schedules, sources, trainer
 from keras_ft.stages import Stage
 from runs import record_logs, resolve_error, start_train, tiny_config
 
@@ -210,6 +210,45 @@ def test_suggestion_near_the_best_rate_of_a_sweep_on_real_photos():
     assert best / 3 <= test.valley <= best * 3
 
 
+# ------------------------------------------------------------ one per stage
+
+
+def test_which_stages_are_tested_and_their_factors():
+    from keras_ft import lr_stages
+    from keras_ft.stages import Stage
+
+    stages = [Stage(epochs=1, blocks=0), Stage(epochs=1, blocks=3, lr_scale=0.1),
+              Stage(epochs=1, blocks=0), Stage(epochs=1, blocks=-1)]
+    assert lr_stages.tested(stages) == [0, 1, 3]
+    factors = lr_stages.factors_from(stages, {0: 0.01, 1: 0.002, 3: 0.0005})
+    assert factors == {0: 1.0, 1: pytest.approx(0.2), 2: 1.0, 3: pytest.approx(0.05)}
+
+
+def test_range_tests_per_stage_leave_every_variable_as_it_was(tmp_path, images):
+    from keras_ft import job as job_lib, lr_stages, spec as spec_lib
+
+    spec = spec_lib.resolve(tiny_config({
+        "data.source": f"folder:{images}", "optimizer.lr_find.steps": 12,
+    }))
+    job = job_lib.assemble(spec)
+    job_lib.enter_first_stage(job)
+    model = job.model
+    variables = list(model.variables) + list(model.optimizer.variables)
+    before = [v.numpy().copy() for v in variables]
+    flags = [(l.name, l.trainable) for l in backbones.all_layers(model)]
+    stage_variables = [v.path for v in model.stage_variables()]
+    rates = lr_stages.find(job, str(tmp_path / "lr_find"), "tiny")
+    for v, value in zip(variables, before):
+        np.testing.assert_array_equal(v.numpy(), value, err_msg=v.path)
+    assert [(l.name, l.trainable) for l in backbones.all_layers(model)] == flags
+    assert [v.path for v in model.stage_variables()] == stage_variables  # stage 1 again
+    assert sorted(rates.tests) == [0, 1]
+    assert rates.base == rates.tests[0].suggestion
+    assert rates.factors[1] == pytest.approx(rates.tests[1].suggestion / rates.base)
+    loaded = lr_stages.load(str(tmp_path / "lr_find"))
+    assert (loaded.base, loaded.factors) == (rates.base, rates.factors)
+
+
 # -------------------------------------------------------------------- the CLIs
 def test_lr_find_cli_end_to_end(tmp_path, images):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -220,12 +259,18 @@ def test_lr_find_cli_end_to_end(tmp_path, images):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # configs/tiny.py: head only, then the top two blocks: two tests.
     assert sorted(os.listdir(tmp_path / "lr_find")) == [
-        "lr_find.csv", "lr_find.json", "lr_find.png"
+        "lr_find.csv", "lr_find.json", "lr_find.png", "lr_find_stage2.csv"
     ]
     saved = json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())
     assert 1e-5 <= saved["suggestion"] <= 10 and saved["steps_run"] <= 20
+    assert [s["stage"] for s in saved["stages"]] == [1, 2]
+    assert saved["stages"][0]["suggestion"] == saved["suggestion"]
+    factor = saved["stages"][1]["suggestion"] / saved["suggestion"]
+    assert saved["stage_factors"] == {"0": 1.0, "1": pytest.approx(factor)}
     assert f"Suggested learning rate (valley): {saved['suggestion']:.3g}" in result.stdout
+    assert f"Stage 2 (top 2 block(s), lr x 0.5): suggestion" in result.stdout
     assert "--config.optimizer.learning_rate=" in result.stdout
     assert not (tmp_path / "checkpoints").exists()  # nothing trained is kept
 
@@ -238,7 +283,8 @@ def test_train_with_auto_learning_rate_then_resume(tmp_path, images, monkeypatch
     result = run_train(workdir, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads((workdir / "lr_find" / "lr_find.json").read_text())["suggestion"]
-    assert f"optimizer.learning_rate=auto: {found:.4g}, found by the range test" in result.stderr
+    assert f"optimizer.learning_rate=auto: {found:.4g}, stage rate factors 1: x1" in result.stderr
+    assert "found by the range tests in" in result.stderr
     assert json.loads((workdir / "config.json").read_text())["optimizer"]["learning_rate"] == "auto"
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 6
     # Resuming reuses the saved suggestion; the range test does not run again
@@ -251,7 +297,8 @@ def test_train_with_auto_learning_rate_then_resume(tmp_path, images, monkeypatch
     })
     logs = record_logs(monkeypatch)
     assert trainer.train(config, str(workdir))["steps"] == 6
-    assert any(f"optimizer.learning_rate=auto: {found:.4g}, resumed from" in l for l in logs), logs
+    assert any(f"optimizer.learning_rate=auto: {found:.4g}, stage" in l and "resumed from" in l
+               for l in logs), logs
     assert any(l.startswith("Resumed from") for l in logs), logs
     assert not any("LR range test" in l for l in logs), logs
     assert not (workdir / "lr_find" / "lr_find.csv").exists()
