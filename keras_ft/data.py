@@ -46,6 +46,8 @@ class ImageSet:
             it; None when `split` draws one by seed.
         names: for "encoded" images, how messages name each one
             (`"tf_flowers train #12"`); None for files (the path names it).
+        root: for files from a folder, that folder: links that leave it
+            are not followed (`keras_ft.limits.read_regular`).
     """
 
     images: list[str] | np.ndarray
@@ -53,6 +55,7 @@ class ImageSet:
     class_names: list[str]
     val_mask: np.ndarray | None = None
     names: list[str] | None = None
+    root: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,6 +79,7 @@ class ImageSet:
             self.class_names,
             None if self.val_mask is None else self.val_mask[index],
             None if self.names is None else [self.names[i] for i in index],
+            self.root,
         )
 
 

@@ -6,12 +6,19 @@ through an epoch, and is either skipped and listed (`policy="skip"`) or
 stops the run with the list (`policy="fail"`). Nothing is dropped silently:
 every skipped file is in the `Report` with its reason.
 
-Per file it reads the bytes and checks, in this order: empty file; format by
-magic bytes (not by extension); formats recognised but not supported here
-(WebP, TIFF, HEIC/AVIF, ...); the header (width, height, channels, bit depth,
-read WITHOUT decoding, so a decompression bomb is refused before it is
-decoded); a missing end marker (PNG `IEND`, JPEG `FFD9`: a cut file); then a
-real `tf.io.decode_image` of what is left. Grayscale, alpha, CMYK and 16-bit
+Per file it first looks at the path, never trusting it
+(`keras_ft.limits.read_regular`): only regular files of at most
+`max_file_bytes` are opened, links only if they stay inside the data folder,
+and a file's first bytes are read to identify it before the rest. FIFOs,
+devices, folders reached through links, links leaving the folder and link
+loops are bad files; so is one file reached under two classes through links.
+Then it checks, in this order: empty file; format by magic bytes (not by
+extension; a non-image is named by its type, "HTML", "text", never by its
+content); formats recognised but not supported here (WebP, TIFF,
+HEIC/AVIF, ...); the header (width, height, channels, bit depth, read
+WITHOUT decoding, so a decompression bomb is refused before it is decoded;
+for a GIF every frame counts); a missing end marker (PNG `IEND`, JPEG
+`FFD9`: a cut file); then a real `tf.io.decode_image` of what is left. Grayscale, alpha, CMYK and 16-bit
 images are fine (`data.decode_image` makes them 3-channel 8-bit) and
 are only counted.
 
@@ -38,7 +45,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_ft import data
+from keras_ft import data, limits
 
 POLICIES = ("skip", "fail")
 LOG_EVERY_S = 10.0
@@ -51,7 +58,12 @@ TOO_LARGE = "too large"
 TRUNCATED = "truncated"
 CORRUPT = "corrupt"
 UNREADABLE = "unreadable"
-BAD_KINDS = (EMPTY, TRUNCATED, CORRUPT, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, UNREADABLE)
+NOT_REGULAR = "not a regular file"
+LINK = "link"
+TWO_LABELS = "duplicate"
+BAD_KINDS = (EMPTY, TRUNCATED, CORRUPT, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, UNREADABLE,
+             NOT_REGULAR, LINK, TWO_LABELS)
+PREFIX_BYTES = limits.PREFIX_BYTES
 
 # Kinds of image that decode fine but are converted to 3-channel 8-bit.
 CONVERTED_KINDS = ("grayscale", "alpha", "CMYK", "16-bit")
@@ -127,8 +139,9 @@ class Report:
 def scan(
     images: data.ImageSet,
     policy: str = "skip",
-    max_pixels: int = 50_000_000,
+    max_pixels: int = limits.MAX_PIXELS,
     num_classes: int | None = None,
+    max_file_bytes: int = limits.MAX_FILE_BYTES,
 ) -> tuple[data.ImageSet, Report]:
     """Checks every image and label before training.
 
@@ -137,10 +150,11 @@ def scan(
         policy: `"skip"` drops bad files (each listed in the report) and
             returns the rest; `"fail"` raises on the first scan with any bad
             file, listing them.
-        max_pixels: images whose header claims more pixels (width * height)
-            are refused without being decoded.
+        max_pixels: images whose headers claim more pixels (frames x width
+            x height) are refused without being decoded.
         num_classes: the number of classes the model is built for, if known;
             it must match the data's class names.
+        max_file_bytes: larger files are refused without being read.
 
     Returns:
         The usable images (the input itself when nothing was dropped) and a
@@ -167,10 +181,11 @@ def scan(
 
     if images.kind == data.FILES:
         paths = list(images.images)
-        results = _check_files(paths, max_pixels)
+        results = _check_files(paths, max_pixels, images.root, max_file_bytes)
+        _refuse_second_paths(images, results)
     else:  # encoded bytes, named for the report
         paths = images.names or [f"image #{i}" for i in range(len(images))]
-        results = _check_files(list(images.images), max_pixels)
+        results = _check_files(list(images.images), max_pixels, None, max_file_bytes)
     bad_files, bad_by_kind = [], collections.Counter()
     converted = collections.Counter()
     keep = []
@@ -269,14 +284,17 @@ def _check_no_empty_class(report: Report, images: data.ImageSet) -> None:
 
 
 def _check_files(
-    paths: list[str] | list[bytes], max_pixels: int
+    paths: list[str] | list[bytes], max_pixels: int, root: str | None, max_file_bytes: int
 ) -> list[tuple[str | None, str, tuple[str, ...]]]:
     """`(bad kind or None, reason, conversions)` per file path or encoded image."""
     results = [None] * len(paths)
     start = last_log = time.monotonic()
     workers = min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(_check_file, p, max_pixels): i for i, p in enumerate(paths)}
+        futures = {
+            pool.submit(_check_file, p, max_pixels, root, max_file_bytes): i
+            for i, p in enumerate(paths)
+        }
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             results[futures[future]] = future.result()
             now = time.monotonic()
@@ -289,20 +307,43 @@ def _check_files(
     return results
 
 
-def _check_file(path: str | bytes, max_pixels: int):
+def _refuse_second_paths(images: data.ImageSet, results: list) -> None:
+    """Marks files reached by a second path (a link): under another class, every
+    path to the file is bad (it would train as one and validate as the
+    other); under the same class, every path but the first."""
+    by_file = collections.defaultdict(list)
+    for i, path in enumerate(images.images):
+        if results[i][0] is None:
+            by_file[os.path.realpath(path)].append(i)
+    names = images.class_names
+    for index in by_file.values():
+        labels = sorted({int(images.labels[i]) for i in index})
+        if len(labels) > 1:
+            classes = ", ".join(names[label] for label in labels)
+            reason = f"one file under {len(labels)} classes ({classes}), through links"
+            for i in index:
+                results[i] = (TWO_LABELS, reason, ())
+        for i in index[1:] if len(labels) == 1 else ():
+            first = images.images[index[0]]
+            shown = os.path.relpath(first, images.root) if images.root else first
+            results[i] = (TWO_LABELS, f"the same file as {shown}, through a link", ())
+
+
+def _check_file(path: str | bytes, max_pixels: int, root: str | None, max_file_bytes: int):
     if isinstance(path, bytes):
         blob = path
     else:
         try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except OSError as e:
-            return UNREADABLE, f"unreadable ({e.strerror or e})", ()
+            blob = limits.read_regular(
+                path, root, max_file_bytes, whole=lambda prefix: _sniff(prefix) is not None
+            )
+        except limits.Refused as e:
+            return e.kind, e.reason, ()
     if not blob:
         return EMPTY, "empty file (0 bytes)", ()
     fmt = _sniff(blob)
     if fmt is None:
-        return NOT_IMAGE, f"not an image (starts with {blob[:8]!r})", ()
+        return NOT_IMAGE, f"not an image ({limits.file_type(blob)})", ()
     if fmt not in _HEADERS:
         return UNSUPPORTED, f"unsupported format {fmt} (use JPEG, PNG, BMP or GIF)", ()
     try:
@@ -318,6 +359,15 @@ def _check_file(path: str | bytes, max_pixels: int):
             f"> max_pixels {max_pixels:,}",
             (),
         )
+    if fmt == "GIF":  # the decoder holds every frame, each of its own size
+        pixels = int(limits.count_pixels(tf.constant(blob)))
+        if pixels > max_pixels:
+            return (
+                TOO_LARGE,
+                f"too large: {width}x{height} GIF whose frames total {pixels:,} pixels "
+                f"> max_pixels {max_pixels:,}",
+                (),
+            )
     if fmt == "PNG" and b"IEND" not in blob[-64:]:
         return TRUNCATED, "truncated PNG (no IEND chunk at the end)", ()
     if fmt == "JPEG" and b"\xff\xd9" not in blob[-64:]:
