@@ -32,9 +32,11 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str) -> dict:
     """The range test of `config`'s first stage; returns the saved summary."""
-    from keras_ft import job as job_lib, lr_finder, spec as spec_lib
+    from keras_ft import job as job_lib, lr_finder, spec as spec_lib, workdir as workdir_lib
 
     spec = spec_lib.resolve(config)
+    directory = os.path.join(workdir, "lr_find")
+    workdir_lib.check_writable(directory)  # before the sweep, not after it
     job = job_lib.assemble(spec)
     job_lib.reestimate_if_configured(job)
     job_lib.enter_first_stage(job)
@@ -43,7 +45,6 @@ def run(config, workdir: str) -> dict:
         job.model, job.data.train_stream(),  # augmented as launch.train's
         finder.start_lr, finder.end_lr, finder.steps,
     )
-    directory = os.path.join(workdir, "lr_find")
     title = f"{spec.model.backbone}, stage 1: {spec.freeze.stages[0].describe()}"
     paths = lr_finder.save(
         test, directory, title,

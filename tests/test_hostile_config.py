@@ -19,7 +19,7 @@ import pytest
 from configs import base
 from keras_ft import checkpoint, spec, weights, workdir
 from launch import cli
-from runs import printed, resolve_error, tiny_config, train_error
+from runs import deadline, printed, resolve_error, tiny_config
 
 # ------------------------------------------------------------------ stages
 
@@ -51,7 +51,7 @@ def test_malformed_stage_is_one_line_naming_it(stages, message):
                              "it needs 32 to 4096 (0 = its default 224)."),
     ("schedule.decay_factor", math.nan, "schedule.decay_factor must be a number in (0, 1], got nan."),
     ("schedule.stlr_ratio", -1.0, "schedule.stlr_ratio must be a number >= 1, got -1.0."),
-    ("schedule.decay_boundaries", (2.0,), "schedule.decay_boundaries must be increasing fractions in (0, 1)"),
+    ("schedule.decay_boundaries", (2.0,), "schedule.decay_boundaries must be increasing fractions in (0, 1], got (2.0,)."),
 ])
 def test_bad_value_is_refused_at_start_up(key, value, message):
     assert resolve_error(tiny_config({key: value})).startswith(f"error: {message}")
@@ -60,7 +60,7 @@ def test_bad_value_is_refused_at_start_up(key, value, message):
 def test_memory_estimate_refuses_what_cannot_fit():
     line = resolve_error(tiny_config({"model.image_size": 4096, "train.global_batch_size": 4096}))
     assert line.startswith("error: model.image_size=4096 with train.global_batch_size=4096 needs "
-                           "at least 11,819 GiB for one training batch")
+                           "at least 2,816 GiB for one training batch")
     assert "this machine has" in line and "lower either" in line
 
 
@@ -82,6 +82,11 @@ def test_config_fuzz_is_a_one_line_error_or_a_checked_spec():
     rng = random.Random(0)
     keys = numeric_keys()
     assert len(keys) >= 25  # every numeric key, not a sample
+    with deadline(60):
+        fuzz(keys, rng)
+
+
+def fuzz(keys, rng):
     for key in keys:
         for value in EXTREMES + [rng.uniform(-1e6, 1e6), rng.randint(-10**9, 10**9)]:
             saved = base.get_config().to_dict()
@@ -145,7 +150,7 @@ def test_lr_find_checks_the_workdir_before_its_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(job, "assemble", lambda *a: pytest.fail("the sweep started"))
     (tmp_path / "f").write_text("x")
     line = input_error(lambda: lr_find.run(tiny_config(), str(tmp_path / "f")))
-    assert line.startswith(f"error: workdir {tmp_path / 'f'} ")
+    assert line.startswith(f"error: workdir {tmp_path / 'f' / 'lr_find'} is not writable: ")
 
 
 def test_random_file_named_weights_h5_is_one_line(tmp_path):
@@ -159,7 +164,7 @@ def test_random_file_named_weights_h5_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("content, problem", [
     ("{not json", "not valid JSON"),
-    ('{"train": {"epochs": "x"}}', "train.epochs must be an integer >= 1, got 'x'."),
+    ('{"train": {"epochs": "x"}}', "train.epochs must be an integer, got 'x'."),
     ('["a list"]', "not a JSON object"),
 ])
 def test_garbage_config_json_is_named(tmp_path, content, problem):

@@ -6,10 +6,8 @@ checks that it is refused by name, quickly, without a traceback. Every test
 runs under `deadline`: a hang fails it instead of stalling the suite.
 """
 
-import contextlib
 import os
 import pickle
-import signal
 import struct
 import sys
 import types
@@ -22,21 +20,7 @@ import tensorflow as tf
 
 from conftest import write_image_folder
 from keras_ft import export, limits, sources, torch_legacy, validate
-
-
-@contextlib.contextmanager
-def deadline(seconds=20):
-    """Fails the test (instead of hanging the suite) after `seconds`."""
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+from runs import deadline
 
 
 def scan(root, **kwargs):
@@ -217,6 +201,7 @@ def test_export_refuses_a_pixel_bomb_and_keeps_serving(served):
 
 def test_predict_skips_and_lists_the_bomb_fifo_and_link(served, tmp_path, capsys):
     from absl import flags
+    from absl.testing import flagsaver
     from launch import predict
 
     good = tmp_path / "good.png"
@@ -225,8 +210,9 @@ def test_predict_skips_and_lists_the_bomb_fifo_and_link(served, tmp_path, capsys
     os.mkfifo(tmp_path / "fifo.jpg")
     os.symlink("/dev/zero", tmp_path / "zero.jpg")
     files = [str(tmp_path / n) for n in ("good.png", "bomb.png", "fifo.jpg", "zero.jpg")]
-    flags.FLAGS(["predict", f"--export={served}"])
-    with deadline(60):
+    if not flags.FLAGS.is_parsed():  # other launch scripts' required flags: not here
+        flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(export=served), deadline(60):
         assert predict.main(["predict", *files]) == 2
     out, err = capsys.readouterr()
     assert out.startswith(files[0] + "\n")
