@@ -45,7 +45,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_ft import data, limits
+from keras_ft import data, headers, limits
 
 POLICIES = ("skip", "fail")
 LOG_EVERY_S = 10.0
@@ -81,7 +81,8 @@ class Report:
         bad_by_kind: number of bad files per kind (`truncated`, ...).
         converted: images per kind (`grayscale`, `alpha`, `CMYK`, `16-bit`)
             that are usable but converted to 3-channel 8-bit when decoded; one
-            image can count under two kinds (16-bit grayscale).
+            image can count under two kinds (16-bit grayscale). Also JPEGs
+            whose EXIF orientation is ignored (`headers.EXIF_ROTATED`).
         seconds: time the scan took.
     """
 
@@ -123,11 +124,15 @@ class Report:
             else ""
         )
         lines.append(f"Images per class: {per_class}{imbalance}.")
-        if self.converted:
-            kinds = ", ".join(
-                f"{n:,} {k}" for k, n in _ordered(self.converted, CONVERTED_KINDS)
-            )
+        kinds = ", ".join(f"{n:,} {k}" for k, n in _ordered(self.converted, CONVERTED_KINDS))
+        if kinds:
             lines.append(f"Converted to 3-channel 8-bit when decoded: {kinds}.")
+        rotated = self.converted.get(headers.EXIF_ROTATED)
+        if rotated:
+            lines.append(
+                f"{rotated:,} JPEG(s) have an EXIF orientation, ignored here as in evaluation "
+                "and serving: they train as stored (rotate the files to change that)."
+            )
         return lines
 
     def to_json(self) -> str:
@@ -335,19 +340,19 @@ def _check_file(path: str | bytes, max_pixels: int, root: str | None, max_file_b
     else:
         try:
             blob = limits.read_regular(
-                path, root, max_file_bytes, whole=lambda prefix: _sniff(prefix) is not None
+                path, root, max_file_bytes, whole=lambda prefix: headers.sniff(prefix) is not None
             )
         except limits.Refused as e:
             return e.kind, e.reason, ()
     if not blob:
         return EMPTY, "empty file (0 bytes)", ()
-    fmt = _sniff(blob)
+    fmt = headers.sniff(blob)
     if fmt is None:
         return NOT_IMAGE, f"not an image ({limits.file_type(blob)})", ()
-    if fmt not in _HEADERS:
+    if fmt not in headers.HEADERS:
         return UNSUPPORTED, f"unsupported format {fmt} (use JPEG, PNG, BMP or GIF)", ()
     try:
-        width, height, conversions = _HEADERS[fmt](blob)
+        width, height, conversions = headers.HEADERS[fmt](blob)
     except (struct.error, ValueError, IndexError) as e:
         return TRUNCATED, f"truncated {fmt} (bad header: {e})", ()
     if width <= 0 or height <= 0:
@@ -385,85 +390,6 @@ def _check_file(path: str | bytes, max_pixels: int, root: str | None, max_file_b
             (),
         )
     return None, "", conversions
-
-
-def _sniff(blob: bytes) -> str | None:
-    """The format named by the file's magic bytes, whatever its extension."""
-    if blob.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if blob.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if blob.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if blob.startswith(b"BM"):
-        return "BMP"
-    if blob.startswith(b"RIFF") and blob[8:12] == b"WEBP":
-        return "WebP"
-    if blob.startswith((b"II*\x00", b"MM\x00*")):
-        return "TIFF"
-    if blob[4:8] == b"ftyp" and blob[8:12] in (
-        b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif",
-    ):
-        return "AVIF" if blob[8:12] == b"avif" else "HEIC"
-    if blob.startswith(b"\x00\x00\x00\x0cjP  "):
-        return "JPEG 2000"
-    if blob.startswith(b"8BPS"):
-        return "PSD"
-    return None
-
-
-def _png_header(blob: bytes):
-    if blob[12:16] != b"IHDR":
-        raise ValueError("no IHDR chunk")
-    width, height, depth, color = struct.unpack(">IIBB", blob[16:26])
-    conversions = []
-    if color in (0, 4):
-        conversions.append("grayscale")
-    if color in (4, 6):
-        conversions.append("alpha")
-    if depth == 16:
-        conversions.append("16-bit")
-    return width, height, tuple(conversions)
-
-
-def _jpeg_header(blob: bytes):
-    pos = 2
-    while True:
-        while blob[pos] != 0xFF:  # tolerate padding between segments
-            pos += 1
-        while blob[pos] == 0xFF:
-            pos += 1
-        marker = blob[pos]
-        pos += 1
-        if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
-            continue
-        if marker in (0xD9, 0xDA):
-            raise ValueError("no SOF segment before the image data")
-        (length,) = struct.unpack(">H", blob[pos:pos + 2])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            _, height, width, components = struct.unpack(">BHHB", blob[pos + 2:pos + 8])
-            kinds = {1: ("grayscale",), 4: ("CMYK",)}.get(components, ())
-            return width, height, kinds
-        pos += length
-
-
-def _gif_header(blob: bytes):
-    width, height = struct.unpack("<HH", blob[6:10])
-    return width, height, ()
-
-
-def _bmp_header(blob: bytes):
-    (dib_size,) = struct.unpack("<I", blob[14:18])
-    if dib_size == 12:  # OS/2 BITMAPCOREHEADER
-        width, height = struct.unpack("<HH", blob[18:22])
-        bits = struct.unpack("<H", blob[24:26])[0]
-    else:
-        width, height = struct.unpack("<ii", blob[18:26])
-        bits = struct.unpack("<H", blob[28:30])[0]
-    return width, abs(height), ("alpha",) if bits == 32 else ()
-
-
-_HEADERS = {"PNG": _png_header, "JPEG": _jpeg_header, "GIF": _gif_header, "BMP": _bmp_header}
 
 
 # -------------------------------------------------------------------- misc

@@ -284,3 +284,28 @@ def test_legacy_reader_checks_sizes_before_allocating(tmp_path, size, stride, of
         torch_legacy.load_state_dict(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+
+
+# ------------------------------------------------------------------- EXIF
+
+
+def exif_jpeg(orientation):
+    """A JPEG with an APP1 EXIF segment holding only an orientation tag."""
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    body = b"Exif\x00\x00" + tiff
+    jpeg = tf.io.encode_jpeg(np.zeros((12, 10, 3), np.uint8)).numpy()
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
+def test_exif_orientation_is_counted_not_silent(folder):
+    with open(os.path.join(folder, "cat", "turned.jpg"), "wb") as f:
+        f.write(exif_jpeg(6))  # "rotate 90° clockwise to display"
+    with open(os.path.join(folder, "dog", "upright.jpg"), "wb") as f:
+        f.write(exif_jpeg(1))
+    report, bad = scan(folder)
+    assert bad == {} and report.converted == {"EXIF-rotated": 1}
+    assert report.lines()[-1].startswith("1 JPEG(s) have an EXIF orientation, ignored here")
+    # Decoded as stored (10 wide, 12 high), as training, evaluation and serving do.
+    image = tf.io.decode_image(exif_jpeg(6), channels=3)
+    assert image.shape == (12, 10, 3)
