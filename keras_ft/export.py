@@ -91,6 +91,7 @@ def export_saved_model(
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    workdir.sweep(parent)  # what an export killed before its rename left
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         archive.write_out(tmp, verbose=False)

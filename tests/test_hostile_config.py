@@ -195,3 +195,16 @@ def test_corrupt_newest_state_falls_back_like_a_corrupt_checkpoint(tmp_path, sta
     restored = manager.restore_latest()
     assert restored["global_step"] == 1
     np.testing.assert_array_equal(model.layers[0].kernel.numpy(), 1.0)
+
+
+def test_committed_report_names_checkpoints_as_folders_are_named():
+    """launch.evaluate once formatted the epoch where the folders carry the
+    global step; the report committed in docs/ showed a folder that never exists."""
+    import re
+
+    from conftest import REPO
+
+    text = open(os.path.join(REPO, "docs", "quickstart_report", "report.md")).read()
+    named = re.findall(r"ckpt-\d+[^`]*", text)
+    assert named and all(re.fullmatch(r"ckpt-\d{9} \(\d+ epoch\(s\) and \d+ step\(s\) done\)", n)
+                         for n in named), named
