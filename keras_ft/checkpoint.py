@@ -203,6 +203,8 @@ class CheckpointManager:
             ValueError: not JSON, not an object, or a known key missing or of
                 the wrong type (a corrupt file: the caller falls back).
         """
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):  # missing, or a FIFO
+            raise ValueError(f"{STATE_FILE} is missing or not a regular file")
         with open(os.path.join(path, STATE_FILE), "rb") as f:
             state = json.loads(f.read(2**26))  # 64 MB: far more than any history
         types = {"global_step": int, "epoch": int, "step": int, "history": list, "class_names": list}

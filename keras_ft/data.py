@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import augment as augment_lib
+from keras_ft import augment as augment_lib, limits
 
 # The kinds of `ImageSet.images`.
 FILES, ARRAYS, ENCODED = "files", "arrays", "encoded"
@@ -156,8 +156,15 @@ def split_as_given(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Decodes JPEG/PNG/BMP/GIF bytes to uint8 RGB `[H, W, 3]` (gray -> RGB)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    """Decodes JPEG/PNG/BMP/GIF bytes to uint8 RGB `[H, W, 3]` (gray -> RGB).
+
+    The same for training, evaluation and the export: more than
+    `limits.MAX_PIXELS` decoded pixels fail before decoding (the scan has
+    skipped such files already; this holds for a file changed since, and for
+    served images); EXIF orientation is ignored, as TensorFlow's decoders do.
+    """
+    with tf.control_dependencies([limits.check_pixels(encoded)]):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 

@@ -4,7 +4,7 @@ Signatures:
     serving_default  images: string [N], encoded JPEG/PNG/BMP/GIF of any size.
     serving_uint8    images: uint8 [N, H, W, 3], any H and W.
 An encoded image of more than `limits.MAX_PIXELS` decoded pixels (frames x
-width x height, read from its headers) fails the request with an
+width x height, read from its headers; `data.decode_image`) fails the request with an
 InvalidArgumentError naming the cap, before it is decoded: the server keeps
 serving. Both size images exactly as training and evaluation did (`data.resize_image`
 with the run's `data.resize` policy, built into the graph), run the
@@ -36,7 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_ft import data, limits, workdir
+from keras_ft import data, workdir
 
 
 def export_saved_model(
@@ -59,15 +59,10 @@ def export_saved_model(
         classes = tf.gather(names, tf.argmax(probabilities, axis=-1))
         return {"probabilities": probabilities, "classes": classes}
 
-    def decode(blob):
-        with tf.control_dependencies([limits.check_pixels(blob)]):  # a bomb is never decoded
-            image = data.decode_image(blob)
-        return data.resize_image(image, image_size, resize)
-
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
-        decoded = tf.map_fn(
-            decode,
+        decoded = tf.map_fn(  # decode_image checks the pixel cap before decoding
+            lambda b: data.resize_image(data.decode_image(b), image_size, resize),
             images,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )

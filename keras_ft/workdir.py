@@ -163,6 +163,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise ValueError(f"{workdir} has no {CONFIG_FILE}: is it a keras_ft workdir?")
+    if not os.path.isfile(path):  # a FIFO would block the read
+        raise ValueError(f"{path} is not a regular file; restore it or use another workdir.")
     try:
         with open(path, "rb") as f:
             saved = json.loads(f.read(MAX_CONFIG_BYTES + 1))

@@ -182,7 +182,7 @@ def test_leftovers_of_a_killed_run_are_swept_on_the_next(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "export"]
 
 
-@pytest.mark.parametrize("state", ["", "{}", '{"class_names": 3}', "[]"])
+@pytest.mark.parametrize("state", ["", "{}", '{"class_names": 3}', "[]", "fifo"])
 def test_corrupt_newest_state_falls_back_like_a_corrupt_checkpoint(tmp_path, state):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     manager = checkpoint.CheckpointManager(str(tmp_path), model=model)
@@ -190,9 +190,15 @@ def test_corrupt_newest_state_falls_back_like_a_corrupt_checkpoint(tmp_path, sta
         model.layers[0].kernel.assign(np.full((4, 2), step, np.float32))
         manager.save(step, {"class_names": ["a", "b"], "epoch": step, "step": 0,
                             "steps_per_epoch": 1, "history": []})
-    with open(os.path.join(manager.all()[-1], checkpoint.STATE_FILE), "w") as f:
-        f.write(state)
-    restored = manager.restore_latest()
+    newest = os.path.join(manager.all()[-1], checkpoint.STATE_FILE)
+    if state == "fifo":
+        os.remove(newest)
+        os.mkfifo(newest)
+    else:
+        with open(newest, "w") as f:
+            f.write(state)
+    with deadline():
+        restored = manager.restore_latest()
     assert restored["global_step"] == 1
     np.testing.assert_array_equal(model.layers[0].kernel.numpy(), 1.0)
 
@@ -208,3 +214,10 @@ def test_committed_report_names_checkpoints_as_folders_are_named():
     named = re.findall(r"ckpt-\d+[^`]*", text)
     assert named and all(re.fullmatch(r"ckpt-\d{9} \(\d+ epoch\(s\) and \d+ step\(s\) done\)", n)
                          for n in named), named
+
+
+def test_fifo_config_json_is_named_not_read(tmp_path):
+    os.mkfifo(tmp_path / "config.json")
+    with deadline():
+        line = input_error(lambda: workdir.load_config(str(tmp_path)))
+    assert line == f"error: {tmp_path / 'config.json'} is not a regular file; restore it or use another workdir."

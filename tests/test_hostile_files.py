@@ -309,3 +309,13 @@ def test_exif_orientation_is_counted_not_silent(folder):
     # Decoded as stored (10 wide, 12 high), as training, evaluation and serving do.
     image = tf.io.decode_image(exif_jpeg(6), channels=3)
     assert image.shape == (12, 10, 3)
+
+
+def test_training_stream_refuses_a_bomb_swapped_in_after_the_scan(folder):
+    from keras_ft import data
+
+    images, _ = validate.scan(sources.from_folder(folder))
+    with open(images.images[0], "wb") as f:  # replaced after the scan
+        f.write(png_bomb(10_000))
+    with deadline(60), pytest.raises(tf.errors.InvalidArgumentError, match="max_pixels"):
+        list(data.make_dataset(images, 16, 2, training=False))
