@@ -221,3 +221,21 @@ def test_fifo_config_json_is_named_not_read(tmp_path):
     with deadline():
         line = input_error(lambda: workdir.load_config(str(tmp_path)))
     assert line == f"error: {tmp_path / 'config.json'} is not a regular file; restore it or use another workdir."
+
+
+def test_evaluate_and_export_fall_back_past_a_corrupt_newest_state(tmp_path):
+    """`job.load_trained` (launch.evaluate, launch.export) read the newest
+    state.json's class names directly: `error: 'class_names'`."""
+    from keras_ft import job, tasks
+
+    resolved = spec.resolve(tiny_config())
+    workdir.write_json(str(tmp_path / "config.json"), resolved.resolved)
+    model = job.build_model(resolved, tasks.get(resolved.task), ["a", "b"], 1)
+    manager = checkpoint.CheckpointManager(
+        str(tmp_path / "checkpoints"), **checkpoint.model_objects(model, model.snapshot_reference()))
+    for step in (1, 2):
+        manager.save(step, {"class_names": ["a", "b"], "epoch": step, "step": 0, "history": []})
+    with open(os.path.join(manager.all()[-1], checkpoint.STATE_FILE), "w") as f:
+        f.write("{}")
+    _, state, _ = job.load_trained(str(tmp_path))
+    assert state["global_step"] == 1 and state["class_names"] == ["a", "b"]
