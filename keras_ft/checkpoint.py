@@ -195,12 +195,30 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    @staticmethod
+    def read_state(path: str) -> dict:
+        """The `state.json` of the checkpoint folder `path`.
+
+        Raises:
+            ValueError: not JSON, not an object, or a known key missing or of
+                the wrong type (a corrupt file: the caller falls back).
+        """
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):  # missing, or a FIFO
+            raise ValueError(f"{STATE_FILE} is missing or not a regular file")
+        with open(os.path.join(path, STATE_FILE), "rb") as f:
+            state = json.loads(f.read(2**26))  # 64 MB: far more than any history
+        types = {"global_step": int, "epoch": int, "step": int, "history": list, "class_names": list}
+        if not isinstance(state, dict) or "global_step" not in state or any(
+            key in state and not isinstance(state[key], kind) for key, kind in types.items()
+        ) or not all(isinstance(n, str) for n in state.get("class_names", [])):
+            raise ValueError(f"{STATE_FILE} is not a checkpoint state")
+        return state
+
     def restore_latest(self) -> dict | None:
         """Restores the newest readable checkpoint; returns its state or None."""
         for path in reversed(self.all(self.read_directory)):
             try:
-                with open(os.path.join(path, STATE_FILE)) as f:
-                    state = json.load(f)
+                state = self.read_state(path)
                 self.checkpoint.read(os.path.join(path, "ckpt")).assert_consumed()
             except (OSError, ValueError, IndexError, AssertionError, tf.errors.OpError) as e:
                 logging.warning(

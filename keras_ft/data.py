@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import augment as augment_lib
+from keras_ft import augment as augment_lib, limits
 
 # The kinds of `ImageSet.images`.
 FILES, ARRAYS, ENCODED = "files", "arrays", "encoded"
@@ -46,6 +46,8 @@ class ImageSet:
             it; None when `split` draws one by seed.
         names: for "encoded" images, how messages name each one
             (`"tf_flowers train #12"`); None for files (the path names it).
+        root: for files from a folder, that folder: links that leave it
+            are not followed (`keras_ft.limits.read_regular`).
     """
 
     images: list[str] | np.ndarray
@@ -53,6 +55,7 @@ class ImageSet:
     class_names: list[str]
     val_mask: np.ndarray | None = None
     names: list[str] | None = None
+    root: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -76,6 +79,7 @@ class ImageSet:
             self.class_names,
             None if self.val_mask is None else self.val_mask[index],
             None if self.names is None else [self.names[i] for i in index],
+            self.root,
         )
 
 
@@ -152,8 +156,15 @@ def split_as_given(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Decodes JPEG/PNG/BMP/GIF bytes to uint8 RGB `[H, W, 3]` (gray -> RGB)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    """Decodes JPEG/PNG/BMP/GIF bytes to uint8 RGB `[H, W, 3]` (gray -> RGB).
+
+    The same for training, evaluation and the export: more than
+    `limits.MAX_PIXELS` decoded pixels fail before decoding (the scan has
+    skipped such files already; this holds for a file changed since, and for
+    served images); EXIF orientation is ignored, as TensorFlow's decoders do.
+    """
+    with tf.control_dependencies([limits.check_pixels(encoded)]):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
 

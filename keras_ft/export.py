@@ -3,7 +3,10 @@
 Signatures:
     serving_default  images: string [N], encoded JPEG/PNG/BMP/GIF of any size.
     serving_uint8    images: uint8 [N, H, W, 3], any H and W.
-Both size images exactly as training and evaluation did (`data.resize_image`
+An encoded image of more than `limits.MAX_PIXELS` decoded pixels (frames x
+width x height, read from its headers; `data.decode_image`) fails the request with an
+InvalidArgumentError naming the cap, before it is decoded: the server keeps
+serving. Both size images exactly as training and evaluation did (`data.resize_image`
 with the run's `data.resize` policy, built into the graph), run the
 backbone's own preprocessing (inside the model), and return
 `probabilities` float32 [N, C] and `classes` string [N] (top-1 class names).
@@ -58,7 +61,7 @@ def export_saved_model(
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
-        decoded = tf.map_fn(
+        decoded = tf.map_fn(  # decode_image checks the pixel cap before decoding
             lambda b: data.resize_image(data.decode_image(b), image_size, resize),
             images,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
@@ -83,6 +86,7 @@ def export_saved_model(
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    workdir.sweep(parent)  # what an export killed before its rename left
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
         archive.write_out(tmp, verbose=False)

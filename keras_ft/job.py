@@ -9,7 +9,6 @@ run under the strategy's scope.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import keras
@@ -163,8 +162,10 @@ def load_trained(workdir: str) -> tuple[keras.Model, dict, spec_lib.RunSpec]:
     paths = checkpoint.CheckpointManager(directory).all() if os.path.isdir(directory) else []
     if not paths:
         raise ValueError(f"{workdir} has no checkpoint yet: train first.")
-    with open(os.path.join(paths[-1], checkpoint.STATE_FILE)) as f:
-        class_names = json.load(f)["class_names"]
+    states = (_state_or_none(p) for p in reversed(paths))  # the newest readable one
+    class_names = next((s["class_names"] for s in states if s and "class_names" in s), None)
+    if class_names is None:
+        raise ValueError(f"No readable checkpoint in {directory}.")
     model = build_model(spec, tasks.get(spec.task), class_names, 1)
     manager = checkpoint.CheckpointManager(
         directory, **checkpoint.model_objects(model, model.snapshot_reference())
@@ -173,3 +174,10 @@ def load_trained(workdir: str) -> tuple[keras.Model, dict, spec_lib.RunSpec]:
     if state is None:
         raise ValueError(f"No readable checkpoint in {directory}.")
     return model, state, spec
+
+
+def _state_or_none(path: str) -> dict | None:
+    try:
+        return checkpoint.CheckpointManager.read_state(path)
+    except (OSError, ValueError):
+        return None

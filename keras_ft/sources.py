@@ -32,6 +32,7 @@ import re
 from absl import logging
 import numpy as np
 
+from keras_ft import limits
 from keras_ft.data import ImageSet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -101,7 +102,7 @@ def from_folder(path: str) -> ImageSet:
     folders = _sub_folders(path)
     if "train" not in folders:
         files, labels, class_names = _read_classes(path)
-        return ImageSet(files, np.asarray(labels, np.int32), class_names)
+        return ImageSet(files, np.asarray(labels, np.int32), class_names, root=path)
 
     val_names = [name for name in VAL_FOLDERS if name in folders]
     if len(val_names) != 1:
@@ -137,6 +138,7 @@ def from_folder(path: str) -> ImageSet:
         np.asarray(train_labels + val_labels, np.int32),
         class_names,
         val_mask=np.arange(len(train_files) + len(val_files)) >= len(train_files),
+        root=path,
     )
 
 
@@ -171,15 +173,31 @@ def _read_classes(path: str) -> tuple[list[str], list[int], list[str]]:
 
 
 def _image_files(class_dir: str) -> list[str]:
-    """Image files at any depth under `class_dir`, sorted, each once."""
+    """Image files at any depth under `class_dir`, sorted, each once.
+
+    A link to a folder is followed only if it stays inside `class_dir` and
+    leads to a folder not yet read: one that leaves it (`cat/up -> ..`)
+    would give the images it reaches a second label, one already read (a
+    loop) would list them twice. Such links are returned as files, which
+    the scan lists as bad ("not a regular file (folder, through a link)").
+    """
     found, visited = [], set()
     for root, dirs, files in os.walk(class_dir, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:  # reached again through a symbolic link
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        visited.add(os.path.realpath(root))
+        follow = []
+        # Real folders first, so that a link to one of them is the second path.
+        for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(root, d)), d)):
+            full = os.path.join(root, d)
+            if d.startswith("."):
+                continue
+            if os.path.islink(full) and (
+                os.path.realpath(full) in visited or not limits.inside(full, class_dir)
+            ):
+                found.append(full)
+                continue
+            follow.append(d)
+            visited.add(os.path.realpath(full))
+        dirs[:] = follow
         found += [
             os.path.join(root, f) for f in files
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)

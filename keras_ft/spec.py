@@ -221,7 +221,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         backbone=backbone,
         weights=weights,
         weights_sha256=checks.text(c.model.weights_sha256, "model.weights_sha256") or None,
-        image_size=image_size or backbones.get(backbone).default_size,
+        image_size=image_size or backbones.get(backbone).default_size,  # checked with the batch
         dropout=checks.number(c.model.dropout, "model.dropout", 0, 1, open_high=True),
         fold_dead_channels=checks.boolean(c.model.fold_dead_channels, "model.fold_dead_channels"),
     )
@@ -246,6 +246,9 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
             t.recovery_lr_factor, "train.recovery_lr_factor", 0, 1, open_low=True, open_high=True
         ),
     )
+    b = backbones.get(backbone)
+    checks.image_size(model.image_size, backbone, b.min_size, b.default_size,
+                      train.global_batch_size, workers=distribute.cluster_size())
 
     o = c.optimizer
     rate = o.learning_rate
@@ -265,7 +268,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     )
     if finder.end_lr <= finder.start_lr:
         raise ValueError(
-            f"optimizer.lr_find.end_lr ({finder.end_lr:g}) must be above start_lr "
+            f"optimizer.lr_find.end_lr ({finder.end_lr:g}) must be above optimizer.lr_find.start_lr "
             f"({finder.start_lr:g})."
         )
     optimizer = OptimizerSpec(
@@ -292,10 +295,11 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     schedule = ScheduleSpec(
         name=checks.choice(s.name, "schedule.name", schedules.NAMES),
         warmup_steps=checks.integer(s.warmup_steps, "schedule.warmup_steps", 0),
-        decay_boundaries=tuple(s.decay_boundaries),
-        decay_factor=s.decay_factor,
-        stlr_cut_frac=s.stlr_cut_frac,
-        stlr_ratio=s.stlr_ratio,
+        decay_boundaries=checks.increasing_fractions(s.decay_boundaries, "schedule.decay_boundaries"),
+        decay_factor=checks.number(s.decay_factor, "schedule.decay_factor", 0, 1, open_low=True),
+        stlr_cut_frac=checks.number(s.stlr_cut_frac, "schedule.stlr_cut_frac", 0, 1,
+                                    open_low=True, open_high=True),
+        stlr_ratio=checks.number(s.stlr_ratio, "schedule.stlr_ratio", 1),
     )
     # Builds it once over a nominal run: a bad combination or parameter fails
     # here, before any work; the real length is checked when the data is known.

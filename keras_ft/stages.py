@@ -59,28 +59,42 @@ class Stage:
 
 
 def parse(stages: Sequence[Mapping | Stage]) -> list[Stage]:
-    """Validated stages from config entries such as `{"epochs": 2, "blocks": 0}`."""
+    """Validated stages from config entries such as `{"epochs": 2, "blocks": 0}`.
+
+    Raises:
+        ValueError: one line naming the entry (`freeze.stages[1].epochs`), its
+            value and what it must be.
+    """
+    from keras_ft import checks  # no TensorFlow there either
+
     fields = {f.name for f in dataclasses.fields(Stage)}
+    if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
+        raise ValueError(
+            f"freeze.stages must be a sequence of dicts such as (dict(epochs=1, blocks=0),), "
+            f"got {stages!r:.80}."
+        )
     parsed = []
     for i, entry in enumerate(stages):
+        key = f"freeze.stages[{i}]"
         if isinstance(entry, Stage):
             entry = dataclasses.asdict(entry)
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{key} must be a dict such as dict(epochs=1, blocks=0), got {entry!r:.80}.")
         unknown = set(entry) - fields
         if unknown:
             raise ValueError(
-                f"freeze.stages[{i}] has unknown key(s) {sorted(unknown)}; "
+                f"{key} has unknown key(s) {sorted(map(str, unknown))}; "
                 f"valid keys: {sorted(fields)}."
             )
         stage = Stage(**dict(entry))
-        if (stage.epochs > 0) == (stage.steps > 0) or min(stage.epochs, stage.steps) < 0:
+        checks.integer(stage.epochs, f"{key}.epochs", 0)
+        checks.integer(stage.steps, f"{key}.steps", 0)
+        checks.integer(stage.blocks, f"{key}.blocks", -1, note=" (-1 = all)")
+        checks.number(stage.lr_scale, f"{key}.lr_scale", 0, open_low=True)
+        if (stage.epochs > 0) == (stage.steps > 0):
             raise ValueError(
-                f"freeze.stages[{i}] = {dict(entry)}: give a positive length in "
+                f"{key} = {dict(entry)}: give a positive length in "
                 "exactly one of 'epochs' or 'steps'."
-            )
-        if stage.blocks < -1 or stage.lr_scale <= 0:
-            raise ValueError(
-                f"freeze.stages[{i}] = {dict(entry)}: need blocks >= -1 "
-                "(-1 = all) and lr_scale > 0."
             )
         parsed.append(stage)
     if not parsed:

@@ -19,6 +19,13 @@ torch. A ``pickle.Unpickler`` subclass admits exactly four globals
 (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``,
 ``torch.FloatStorage``, ``torch.LongStorage``), each replaced by an inert
 placeholder; tensors are then materialised as numpy arrays from the raw bytes.
+
+The file is untrusted, so every size it states is checked against what it
+holds before anything is allocated: a storage's element count against the
+file size, each tensor's offset, element count and strides against its
+storage (a zero-stride tensor of shape (65536, 65536, 1024) over one float
+would otherwise ask for 16 TiB), and all tensors' bytes together against
+the file size.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pickle
 import struct
@@ -121,9 +129,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         allow_globals: If False (the header pickles), refuse every global.
     """
 
-    def __init__(self, file: BinaryIO, allow_globals: bool = True):
+    def __init__(self, file: BinaryIO, allow_globals: bool = True, max_bytes: int | None = None):
         super().__init__(file)
         self._allow_globals = allow_globals
+        self._max_bytes = max_bytes  # no storage can hold more than the file
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -144,11 +153,20 @@ class RestrictedUnpickler(pickle.Unpickler):
         if view_metadata is not None:
             view_key, view_offset, view_numel = view_metadata
             view = (str(view_key), _as_int(view_offset, "view offset"), _as_int(view_numel, "view size"))
-        return _StorageRef(key, storage_type.dtype, _as_int(numel, "storage size"), view)
+            if min(view[1:]) < 0:
+                raise pickle.UnpicklingError(f"storage view {view!r:.80} has a negative offset or size")
+        numel = _as_int(numel, "storage size")
+        nbytes = numel * storage_type.dtype.itemsize
+        if numel < 0 or (self._max_bytes is not None and nbytes > self._max_bytes):
+            raise pickle.UnpicklingError(
+                f"storage {key!r:.40} of {numel} elements ({nbytes} bytes) cannot fit in the "
+                f"file's {self._max_bytes} bytes"
+            )
+        return _StorageRef(key, storage_type.dtype, numel, view)
 
 
-def _unpickle(f: BinaryIO, allow_globals: bool) -> Any:
-    return RestrictedUnpickler(f, allow_globals=allow_globals).load()
+def _unpickle(f: BinaryIO, allow_globals: bool, max_bytes: int | None = None) -> Any:
+    return RestrictedUnpickler(f, allow_globals=allow_globals, max_bytes=max_bytes).load()
 
 
 def _check_header(f: BinaryIO, path: str) -> None:
@@ -214,12 +232,22 @@ def _materialise(tensor: _TensorRef, storages: dict[str, np.ndarray], name: str,
         raise ValueError(f"{path}: tensor '{name}' dtype differs from its storage")
     if len(tensor.size) != len(tensor.stride) or any(s < 0 for s in tensor.size + tensor.stride):
         raise ValueError(f"{path}: tensor '{name}' has an invalid size/stride")
-    count = int(np.prod(tensor.size, dtype=np.int64))
+    if offset < 0 or offset > flat.size:
+        raise ValueError(
+            f"{path}: tensor '{name}' starts at storage offset {offset}, outside its "
+            f"storage of {flat.size} elements"
+        )
+    count = math.prod(tensor.size)  # Python integers: no overflow to wrap around
+    if count > flat.size - offset:  # a weight never repeats its storage's elements
+        raise ValueError(
+            f"{path}: tensor '{name}' of shape {tensor.size} has {count} elements; its "
+            f"storage holds {flat.size - offset} from offset {offset}"
+        )
     if count == 0:
         return np.zeros(tensor.size, dtype=ref.dtype)
     # Bounds check before as_strided: a crafted file must not read past the buffer.
     last = offset + sum((d - 1) * s for d, s in zip(tensor.size, tensor.stride))
-    if offset < 0 or last >= flat.size:
+    if last >= flat.size:
         raise ValueError(f"{path}: tensor '{name}' reaches past the end of its storage")
     view = np.lib.stride_tricks.as_strided(
         flat[offset:],
@@ -246,6 +274,7 @@ def load_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
             format, malformed, or references a global outside the allow-list.
     """
     path = os.fspath(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         if f.read(4) == _ZIP_SIGNATURE:
             raise ValueError(
@@ -256,7 +285,7 @@ def load_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
         f.seek(0)
         try:
             _check_header(f, path)
-            state = _unpickle(f, allow_globals=True)
+            state = _unpickle(f, allow_globals=True, max_bytes=size)
             keys = _unpickle(f, allow_globals=False)
         except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError) as e:
             raise ValueError(f"{path}: not a readable legacy PyTorch state dict: {e}") from e
@@ -269,6 +298,9 @@ def load_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[str, np
         if missing:
             raise ValueError(f"{path}: storages {missing[:3]} are referenced but not stored")
         storages = _read_storages(f, keys, refs, path)
+    total = sum(math.prod(t.size) * t.storage.dtype.itemsize for t in state.values())
+    if total > size:  # tensors sharing one storage, many times over
+        raise ValueError(f"{path}: its tensors claim {total} bytes, more than the file's {size}")
     return collections.OrderedDict(
         (name, _materialise(tensor, storages, name, path)) for name, tensor in state.items()
     )

@@ -6,12 +6,19 @@ through an epoch, and is either skipped and listed (`policy="skip"`) or
 stops the run with the list (`policy="fail"`). Nothing is dropped silently:
 every skipped file is in the `Report` with its reason.
 
-Per file it reads the bytes and checks, in this order: empty file; format by
-magic bytes (not by extension); formats recognised but not supported here
-(WebP, TIFF, HEIC/AVIF, ...); the header (width, height, channels, bit depth,
-read WITHOUT decoding, so a decompression bomb is refused before it is
-decoded); a missing end marker (PNG `IEND`, JPEG `FFD9`: a cut file); then a
-real `tf.io.decode_image` of what is left. Grayscale, alpha, CMYK and 16-bit
+Per file it first looks at the path, never trusting it
+(`keras_ft.limits.read_regular`): only regular files of at most
+`max_file_bytes` are opened, links only if they stay inside the data folder,
+and a file's first bytes are read to identify it before the rest. FIFOs,
+devices, folders reached through links, links leaving the folder and link
+loops are bad files; so is one file reached under two classes through links.
+Then it checks, in this order: empty file; format by magic bytes (not by
+extension; a non-image is named by its type, "HTML", "text", never by its
+content); formats recognised but not supported here (WebP, TIFF,
+HEIC/AVIF, ...); the header (width, height, channels, bit depth, read
+WITHOUT decoding, so a decompression bomb is refused before it is decoded;
+for a GIF every frame counts); a missing end marker (PNG `IEND`, JPEG
+`FFD9`: a cut file); then a real `tf.io.decode_image` of what is left. Grayscale, alpha, CMYK and 16-bit
 images are fine (`data.decode_image` makes them 3-channel 8-bit) and
 are only counted.
 
@@ -38,7 +45,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_ft import data
+from keras_ft import data, headers, limits
 
 POLICIES = ("skip", "fail")
 LOG_EVERY_S = 10.0
@@ -51,7 +58,12 @@ TOO_LARGE = "too large"
 TRUNCATED = "truncated"
 CORRUPT = "corrupt"
 UNREADABLE = "unreadable"
-BAD_KINDS = (EMPTY, TRUNCATED, CORRUPT, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, UNREADABLE)
+NOT_REGULAR = "not a regular file"
+LINK = "link"
+TWO_LABELS = "duplicate"
+BAD_KINDS = (EMPTY, TRUNCATED, CORRUPT, NOT_IMAGE, UNSUPPORTED, TOO_LARGE, UNREADABLE,
+             NOT_REGULAR, LINK, TWO_LABELS)
+PREFIX_BYTES = limits.PREFIX_BYTES
 
 # Kinds of image that decode fine but are converted to 3-channel 8-bit.
 CONVERTED_KINDS = ("grayscale", "alpha", "CMYK", "16-bit")
@@ -69,7 +81,8 @@ class Report:
         bad_by_kind: number of bad files per kind (`truncated`, ...).
         converted: images per kind (`grayscale`, `alpha`, `CMYK`, `16-bit`)
             that are usable but converted to 3-channel 8-bit when decoded; one
-            image can count under two kinds (16-bit grayscale).
+            image can count under two kinds (16-bit grayscale). Also JPEGs
+            whose EXIF orientation is ignored (`headers.EXIF_ROTATED`).
         seconds: time the scan took.
     """
 
@@ -111,11 +124,15 @@ class Report:
             else ""
         )
         lines.append(f"Images per class: {per_class}{imbalance}.")
-        if self.converted:
-            kinds = ", ".join(
-                f"{n:,} {k}" for k, n in _ordered(self.converted, CONVERTED_KINDS)
-            )
+        kinds = ", ".join(f"{n:,} {k}" for k, n in _ordered(self.converted, CONVERTED_KINDS))
+        if kinds:
             lines.append(f"Converted to 3-channel 8-bit when decoded: {kinds}.")
+        rotated = self.converted.get(headers.EXIF_ROTATED)
+        if rotated:
+            lines.append(
+                f"{rotated:,} JPEG(s) have an EXIF orientation, ignored here as in evaluation "
+                "and serving: they train as stored (rotate the files to change that)."
+            )
         return lines
 
     def to_json(self) -> str:
@@ -127,8 +144,9 @@ class Report:
 def scan(
     images: data.ImageSet,
     policy: str = "skip",
-    max_pixels: int = 50_000_000,
+    max_pixels: int = limits.MAX_PIXELS,
     num_classes: int | None = None,
+    max_file_bytes: int = limits.MAX_FILE_BYTES,
 ) -> tuple[data.ImageSet, Report]:
     """Checks every image and label before training.
 
@@ -137,10 +155,11 @@ def scan(
         policy: `"skip"` drops bad files (each listed in the report) and
             returns the rest; `"fail"` raises on the first scan with any bad
             file, listing them.
-        max_pixels: images whose header claims more pixels (width * height)
-            are refused without being decoded.
+        max_pixels: images whose headers claim more pixels (frames x width
+            x height) are refused without being decoded.
         num_classes: the number of classes the model is built for, if known;
             it must match the data's class names.
+        max_file_bytes: larger files are refused without being read.
 
     Returns:
         The usable images (the input itself when nothing was dropped) and a
@@ -167,10 +186,11 @@ def scan(
 
     if images.kind == data.FILES:
         paths = list(images.images)
-        results = _check_files(paths, max_pixels)
+        results = _check_files(paths, max_pixels, images.root, max_file_bytes)
+        _refuse_second_paths(images, results)
     else:  # encoded bytes, named for the report
         paths = images.names or [f"image #{i}" for i in range(len(images))]
-        results = _check_files(list(images.images), max_pixels)
+        results = _check_files(list(images.images), max_pixels, None, max_file_bytes)
     bad_files, bad_by_kind = [], collections.Counter()
     converted = collections.Counter()
     keep = []
@@ -269,14 +289,17 @@ def _check_no_empty_class(report: Report, images: data.ImageSet) -> None:
 
 
 def _check_files(
-    paths: list[str] | list[bytes], max_pixels: int
+    paths: list[str] | list[bytes], max_pixels: int, root: str | None, max_file_bytes: int
 ) -> list[tuple[str | None, str, tuple[str, ...]]]:
     """`(bad kind or None, reason, conversions)` per file path or encoded image."""
     results = [None] * len(paths)
     start = last_log = time.monotonic()
     workers = min(16, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(_check_file, p, max_pixels): i for i, p in enumerate(paths)}
+        futures = {
+            pool.submit(_check_file, p, max_pixels, root, max_file_bytes): i
+            for i, p in enumerate(paths)
+        }
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             results[futures[future]] = future.result()
             now = time.monotonic()
@@ -289,24 +312,47 @@ def _check_files(
     return results
 
 
-def _check_file(path: str | bytes, max_pixels: int):
+def _refuse_second_paths(images: data.ImageSet, results: list) -> None:
+    """Marks files reached by a second path (a link): under another class, every
+    path to the file is bad (it would train as one and validate as the
+    other); under the same class, every path but the first."""
+    by_file = collections.defaultdict(list)
+    for i, path in enumerate(images.images):
+        if results[i][0] is None:
+            by_file[os.path.realpath(path)].append(i)
+    names = images.class_names
+    for index in by_file.values():
+        labels = sorted({int(images.labels[i]) for i in index})
+        if len(labels) > 1:
+            classes = ", ".join(names[label] for label in labels)
+            reason = f"one file under {len(labels)} classes ({classes}), through links"
+            for i in index:
+                results[i] = (TWO_LABELS, reason, ())
+        for i in index[1:] if len(labels) == 1 else ():
+            first = images.images[index[0]]
+            shown = os.path.relpath(first, images.root) if images.root else first
+            results[i] = (TWO_LABELS, f"the same file as {shown}, through a link", ())
+
+
+def _check_file(path: str | bytes, max_pixels: int, root: str | None, max_file_bytes: int):
     if isinstance(path, bytes):
         blob = path
     else:
         try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except OSError as e:
-            return UNREADABLE, f"unreadable ({e.strerror or e})", ()
+            blob = limits.read_regular(
+                path, root, max_file_bytes, whole=lambda prefix: headers.sniff(prefix) is not None
+            )
+        except limits.Refused as e:
+            return e.kind, e.reason, ()
     if not blob:
         return EMPTY, "empty file (0 bytes)", ()
-    fmt = _sniff(blob)
+    fmt = headers.sniff(blob)
     if fmt is None:
-        return NOT_IMAGE, f"not an image (starts with {blob[:8]!r})", ()
-    if fmt not in _HEADERS:
+        return NOT_IMAGE, f"not an image ({limits.file_type(blob)})", ()
+    if fmt not in headers.HEADERS:
         return UNSUPPORTED, f"unsupported format {fmt} (use JPEG, PNG, BMP or GIF)", ()
     try:
-        width, height, conversions = _HEADERS[fmt](blob)
+        width, height, conversions = headers.HEADERS[fmt](blob)
     except (struct.error, ValueError, IndexError) as e:
         return TRUNCATED, f"truncated {fmt} (bad header: {e})", ()
     if width <= 0 or height <= 0:
@@ -318,6 +364,15 @@ def _check_file(path: str | bytes, max_pixels: int):
             f"> max_pixels {max_pixels:,}",
             (),
         )
+    if fmt == "GIF":  # the decoder holds every frame, each of its own size
+        pixels = int(limits.count_pixels(tf.constant(blob)))
+        if pixels > max_pixels:
+            return (
+                TOO_LARGE,
+                f"too large: {width}x{height} GIF whose frames total {pixels:,} pixels "
+                f"> max_pixels {max_pixels:,}",
+                (),
+            )
     if fmt == "PNG" and b"IEND" not in blob[-64:]:
         return TRUNCATED, "truncated PNG (no IEND chunk at the end)", ()
     if fmt == "JPEG" and b"\xff\xd9" not in blob[-64:]:
@@ -335,85 +390,6 @@ def _check_file(path: str | bytes, max_pixels: int):
             (),
         )
     return None, "", conversions
-
-
-def _sniff(blob: bytes) -> str | None:
-    """The format named by the file's magic bytes, whatever its extension."""
-    if blob.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if blob.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if blob.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
-    if blob.startswith(b"BM"):
-        return "BMP"
-    if blob.startswith(b"RIFF") and blob[8:12] == b"WEBP":
-        return "WebP"
-    if blob.startswith((b"II*\x00", b"MM\x00*")):
-        return "TIFF"
-    if blob[4:8] == b"ftyp" and blob[8:12] in (
-        b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif",
-    ):
-        return "AVIF" if blob[8:12] == b"avif" else "HEIC"
-    if blob.startswith(b"\x00\x00\x00\x0cjP  "):
-        return "JPEG 2000"
-    if blob.startswith(b"8BPS"):
-        return "PSD"
-    return None
-
-
-def _png_header(blob: bytes):
-    if blob[12:16] != b"IHDR":
-        raise ValueError("no IHDR chunk")
-    width, height, depth, color = struct.unpack(">IIBB", blob[16:26])
-    conversions = []
-    if color in (0, 4):
-        conversions.append("grayscale")
-    if color in (4, 6):
-        conversions.append("alpha")
-    if depth == 16:
-        conversions.append("16-bit")
-    return width, height, tuple(conversions)
-
-
-def _jpeg_header(blob: bytes):
-    pos = 2
-    while True:
-        while blob[pos] != 0xFF:  # tolerate padding between segments
-            pos += 1
-        while blob[pos] == 0xFF:
-            pos += 1
-        marker = blob[pos]
-        pos += 1
-        if marker in (0x01, *range(0xD0, 0xD8)):  # no length field
-            continue
-        if marker in (0xD9, 0xDA):
-            raise ValueError("no SOF segment before the image data")
-        (length,) = struct.unpack(">H", blob[pos:pos + 2])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            _, height, width, components = struct.unpack(">BHHB", blob[pos + 2:pos + 8])
-            kinds = {1: ("grayscale",), 4: ("CMYK",)}.get(components, ())
-            return width, height, kinds
-        pos += length
-
-
-def _gif_header(blob: bytes):
-    width, height = struct.unpack("<HH", blob[6:10])
-    return width, height, ()
-
-
-def _bmp_header(blob: bytes):
-    (dib_size,) = struct.unpack("<I", blob[14:18])
-    if dib_size == 12:  # OS/2 BITMAPCOREHEADER
-        width, height = struct.unpack("<HH", blob[18:22])
-        bits = struct.unpack("<H", blob[24:26])[0]
-    else:
-        width, height = struct.unpack("<ii", blob[18:26])
-        bits = struct.unpack("<H", blob[28:30])[0]
-    return width, abs(height), ("alpha",) if bits == 32 else ()
-
-
-_HEADERS = {"PNG": _png_header, "JPEG": _jpeg_header, "GIF": _gif_header, "BMP": _bmp_header}
 
 
 # -------------------------------------------------------------------- misc

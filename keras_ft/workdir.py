@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import time
 
 import ml_collections
@@ -41,6 +42,10 @@ SCAN_FILE = "data_scan.json"
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 TENSORBOARD = "tensorboard"
+MAX_CONFIG_BYTES = 2**20  # a config.json is a few KB
+# Temporary names of a write that a killed run left behind (`write_atomic`,
+# keras_ft.export); checkpoints sweep their own (keras_ft.checkpoint).
+LEFTOVERS = (".export-", ".tflite-")
 
 # Keys that may differ between a run and its resumption: the learning rate,
 # so that a run stopped by a NaN loss can resume from its last good
@@ -139,7 +144,12 @@ def with_defaults(saved: dict) -> ml_collections.ConfigDict:
             continue
         if isinstance(node[leaf], tuple) and isinstance(value, list):
             value = tuple(value)
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError:  # a value of the wrong type, as the flag parser refuses it
+            kind = {int: "an integer", float: "a number", str: "a string", bool: "True or False",
+                    tuple: "a list"}.get(type(node[leaf]), type(node[leaf]).__name__)
+            raise ValueError(f"{key} must be {kind}, got {value!r:.80}.") from None
     return config
 
 
@@ -153,8 +163,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise ValueError(f"{workdir} has no {CONFIG_FILE}: is it a keras_ft workdir?")
-    with open(path) as f:
-        return with_defaults(json.load(f))
+    if not os.path.isfile(path):  # a FIFO would block the read
+        raise ValueError(f"{path} is not a regular file; restore it or use another workdir.")
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+    except ValueError as e:  # also UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or use another workdir.") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a JSON object of config keys; restore it or use another workdir.")
+    try:
+        return with_defaults(saved)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------ resuming
@@ -217,11 +238,47 @@ def start(workdir: str, out: str, resolved: dict, resume: bool) -> bool:
     checkpoints are set aside. `out` is where this process writes: the
     workdir itself, or a scratch folder on a worker that is not the chief.
     """
+    check_writable(out)
     found = has_checkpoints(workdir)
     if resume and found:
         check_resumable(workdir, resolved)
     elif not resume and out == workdir:
         set_aside(workdir)
-    os.makedirs(out, exist_ok=True)
+    sweep(out)
     write_json(os.path.join(out, CONFIG_FILE), resolved)
     return found
+
+
+def check_writable(path: str) -> None:
+    """Creates the folder `path` if need be and writes a file in it, so that a
+    workdir that cannot be written fails before any long work.
+
+    Raises:
+        ValueError: naming the folder and why (a file, read-only, no space).
+    """
+    try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(20, "it is a file, not a folder", path)
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        write_atomic(probe, b"")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"workdir {path} is not writable: {e.strerror or e}"
+            + (f" ({e.filename})" if e.filename and e.filename != path else "")
+            + "; give another --workdir."
+        ) from None
+
+
+def sweep(path: str) -> None:
+    """Removes what a killed run left half-written in `path` (`LEFTOVERS`,
+    and `write_atomic`'s temporary files): never a finished file."""
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name.startswith(LEFTOVERS) or (name.startswith(".") and ".tmp-" in name):
+            logging.warning("Removing %s, left by a run that was stopped.", full)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.remove(full)

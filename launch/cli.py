@@ -18,11 +18,15 @@ from absl import flags
 EXIT_BAD_INPUT = 2
 
 # What user-facing mistakes raise in keras_ft: reported as one line, exit 2.
-INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError)
+# OSError: a path given by the user (workdir, weights, data, config) that
+# cannot be read or written; its message names the path.
+INPUT_ERRORS = (ValueError, KeyError, OSError)
 
 
 def fail(message) -> int:
     """Prints `error: message` (one line) on stderr; returns EXIT_BAD_INPUT."""
+    if isinstance(message, OSError) and message.filename:
+        message = f"cannot use {message.filename}: {message.strerror or message}."
     text = " ".join(str(message).split()) or type(message).__name__
     print(f"error: {text}", file=sys.stderr)
     return EXIT_BAD_INPUT

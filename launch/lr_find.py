@@ -39,11 +39,13 @@ def run(config, workdir: str) -> dict:
     import json
 
     from keras_ft import job as job_lib, lr_finder, lr_stages, spec as spec_lib
+    from keras_ft import workdir as workdir_lib
 
     spec = spec_lib.resolve(config)
+    directory = os.path.join(workdir, "lr_find")
+    workdir_lib.check_writable(directory)  # before the sweep, not after it
     job = job_lib.assemble(spec)
     job_lib.reestimate_if_configured(job)
-    directory = os.path.join(workdir, "lr_find")
     rates = lr_stages.find(job, directory, spec.model.backbone)  # augmented as launch.train's
     first = rates.tests[0]
     lines = [

@@ -11,12 +11,14 @@
   then exit 2), without starting TensorFlow again. Subprocess tests keep the
   exit code contract itself (tests/test_launch.py).
 - `record_logs`: what an in-process `trainer.train` logs.
+- `deadline`: a hang fails the test instead of stalling the suite.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import subprocess
 import tempfile
 
@@ -187,3 +189,24 @@ def record_logs(monkeypatch) -> list[str]:
     monkeypatch.setattr(logging, "info", record)
     monkeypatch.setattr(logging, "warning", record)
     return lines
+
+
+class Hang(BaseException):
+    """Raised by `deadline`: no `except Exception` (nor OSError, as
+    TimeoutError is) in the code under test can take it for an error of its own."""
+
+
+@contextlib.contextmanager
+def deadline(seconds=20):
+    """Fails the test (instead of hanging the suite) after `seconds`: SIGALRM
+    interrupts the main thread (a blocked worker thread it cannot)."""
+    def expire(*_):
+        raise Hang(f"still running after {seconds} s: a hang")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

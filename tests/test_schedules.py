@@ -148,7 +148,7 @@ def test_spec_schedule_for_auto_and_found_rate():
         (dict(name="cosine", warmup_steps=5), "use 'warmup_cosine'"),
         (dict(name="warmup_cosine"), "needs schedule.warmup_steps > 0"),
         (dict(name="step", decay_boundaries=(0.6, 0.3)), "increasing fractions"),
-        (dict(name="stlr", stlr_cut_frac=1.5), "stlr_cut_frac must be in (0, 1)"),
+        (dict(name="stlr", stlr_cut_frac=1.5), "stlr_cut_frac must be a number in (0, 1)"),
         (dict(name="constant", warmup_steps=-1), "schedule.warmup_steps must be an integer >= 0"),
     ],
 )

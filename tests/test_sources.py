@@ -41,10 +41,13 @@ def test_nested_folders_are_read_at_any_depth_in_sorted_order(tmp_path):
     os.symlink(tmp_path / "a", tmp_path / "a" / "2019" / "loop")  # a cycle: each file once
     images = sources.from_folder(root)
     assert _relative(images, root) == [
-        "a/000.png", "a/001.jpg", "a/2019/x/000.png", "a/2019/y/000.png", "a/2019/y/001.jpg",
-        "b/000.png",
+        "a/000.png", "a/001.jpg", "a/2019/loop", "a/2019/x/000.png", "a/2019/y/000.png",
+        "a/2019/y/001.jpg", "b/000.png",
     ]
-    assert images.labels.tolist() == [0, 0, 0, 0, 0, 1]
+    assert images.labels.tolist() == [0, 0, 0, 0, 0, 0, 1]
+    # The loop is not followed, and the scan lists it as a bad file.
+    _, report = validate.scan(images)
+    assert report.bad_files == [(str(tmp_path / "a/2019/loop"), "not a regular file (folder, through a link)")]
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ def test_presets():
         ({"epochs": 1, "block": 2}, "unknown key"),
         ({"blocks": 2}, "exactly one of 'epochs' or 'steps'"),
         ({"epochs": 1, "steps": 3}, "exactly one of 'epochs' or 'steps'"),
-        ({"epochs": 1, "blocks": -2}, "blocks >= -1"),
-        ({"epochs": 1, "lr_scale": 0}, "lr_scale > 0"),
+        ({"epochs": 1, "blocks": -2}, "blocks must be an integer >= -1"),
+        ({"epochs": 1, "lr_scale": 0}, "lr_scale must be a number > 0"),
     ],
 )
 def test_bad_stages_name_the_entry(entry, message):

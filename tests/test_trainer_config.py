@@ -105,7 +105,7 @@ def test_the_spec_resolves_derived_values_once():
     ("train.jit_compile", "yes", "train.jit_compile must be True, False or 'auto'"),
     ("optimizer.momentum", 1.0, "optimizer.momentum must be a number in [0, 1), got 1.0"),
     ("optimizer.accumulation_steps", 0, "optimizer.accumulation_steps must be an integer >= 1"),
-    ("optimizer.lr_find.end_lr", 1e-6, "optimizer.lr_find.end_lr (1e-06) must be above start_lr"),
+    ("optimizer.lr_find.end_lr", 1e-6, "optimizer.lr_find.end_lr (1e-06) must be above optimizer.lr_find.start_lr"),
     ("freeze.batchnorm", "train", "Unknown freeze.batchnorm 'train'. Choose one of: frozen"),
     ("freeze.method", "adapter", "Unknown freeze.method 'adapter'. Choose one of: full"),
     ("freeze.stages", (), "freeze.stages is empty"),
