@@ -6,13 +6,11 @@ every numeric key of configs/base.py to random types and extremes.
 """
 
 import errno
-import json
 import math
 import os
 import random
 
 import keras
-import ml_collections
 import numpy as np
 import pytest
 

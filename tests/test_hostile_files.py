@@ -57,7 +57,7 @@ def test_link_to_a_device_inside_a_csv_listing_is_not_a_regular_file(tmp_path, f
     # only regular files are ever opened.
     os.symlink("/dev/zero", tmp_path / "z.jpg")
     rows = [f"{os.path.join(folder, c, '000.png')},{c}" for c in ("cat", "dog")]
-    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + f"\nz.jpg,cat\n")
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\nz.jpg,cat\n")
     with deadline():
         _, report = validate.scan(sources.from_csv(str(tmp_path / "list.csv")))
     assert report.bad_files == [(str(tmp_path / "z.jpg"), "not a regular file (character device, through a link)")]

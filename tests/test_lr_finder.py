@@ -270,7 +270,7 @@ def test_lr_find_cli_end_to_end(tmp_path, images):
     factor = saved["stages"][1]["suggestion"] / saved["suggestion"]
     assert saved["stage_factors"] == {"0": 1.0, "1": pytest.approx(factor)}
     assert f"Suggested learning rate (valley): {saved['suggestion']:.3g}" in result.stdout
-    assert f"Stage 2 (top 2 block(s), lr x 0.5): suggestion" in result.stdout
+    assert "Stage 2 (top 2 block(s), lr x 0.5): suggestion" in result.stdout
     assert "--config.optimizer.learning_rate=" in result.stdout
     assert not (tmp_path / "checkpoints").exists()  # nothing trained is kept
 

@@ -74,7 +74,7 @@ class TaskData(abc.ABC):
         batches them: what BatchNorm statistics are computed from
         (`keras_ft.freezing.precise_batchnorm`). Not `eval_stream("train")`:
         a batch of examples of one class lacks the variance between classes.
-        A deterministic function of the seed; may be endless."""
+        A deterministic function of the seed: at most one pass."""
 
     def class_weight(self) -> dict[int, float] | None:
         """Per-class loss weights for `fit(class_weight=...)`, or None."""

@@ -142,14 +142,13 @@ class ImageData(base.TaskData):
         return float(counts.max() / max(counts.sum(), 1))
 
     def statistics_stream(self) -> tf.data.Dataset:
-        # The training stream's order (its first pass: a seeded permutation),
-        # not augmented.
+        # The training stream's first pass (a seeded permutation), not augmented.
         d = self._spec.data
         return data_lib.make_dataset(
             self.train_set, self._image_size, self._batch, training=True,
             seed=self._spec.seed, resize=d.resize, augment=augment.Augment(flip=False),
             sized=self._sized.get("train", self.train_set),
-        )
+        ).take(max(len(self.train_set) // self._batch, 1))
 
     def class_weight(self) -> dict[int, float] | None:
         if not self._spec.data.class_weights:
