@@ -49,7 +49,7 @@ class BrightnessData(tasks.TaskData):
         return ds.batch(self.batch, drop_remainder=True)
 
     def statistics_stream(self):
-        return self.train_stream()  # not augmented
+        return self.train_stream().take(16 // self.batch)  # one pass, not augmented
 
     def eval_stream(self, split="val", features_of=None):
         part = slice(0, 16) if split == "train" else slice(16, 24)
