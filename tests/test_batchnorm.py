@@ -215,3 +215,31 @@ def test_resume_across_precise_bn_is_exact(tmp_path, precise_run, monkeypatch):
     resumed = _train(tmp_path, freeze__precise_bn="final")
     assert resumed["resumed_from"]
     assert resumed["weights_sha256"] == precise_run[0]["weights_sha256"]
+
+
+@pytest.mark.parametrize("when, events", [
+    ("final", ["val 0", "precise 1", "val 1"]),
+    ("every_epoch", ["precise 0", "val 0", "precise 1", "val 1"]),
+    ("off", ["val 0", "val 1"]),
+])
+def test_precise_bn_runs_before_validation_when_configured(when, events, monkeypatch):
+    seen = []
+
+    class Validation(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_test_begin(self, logs=None):
+            seen.append(f"val {self.epoch}")
+
+    monkeypatch.setattr(
+        freezing, "precise_batchnorm",
+        lambda model, dataset, n, layers: seen.append(f"precise {callback._epoch}") or n,
+    )
+    x, y = _bright_or_striped(32, seed=1)
+    model = _scratch_model()
+    model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = freezing.PreciseBatchNorm(lambda: _stream(x, y), 4, epochs=2, when=when)
+    model.fit(_stream(x, y), validation_data=_stream(x, y), epochs=2, verbose=0,
+              callbacks=[callback, Validation()], shuffle=False)
+    assert seen == events
