@@ -127,10 +127,10 @@ def test_a_spike_rolls_back_to_the_last_checkpoint_at_a_lower_rate(spiked):
     # Step 22 of 24 spiked; the run went back to the end of epoch 1 (step 12)
     # and trained epoch 2 again with stage 2's rate x0.3.
     assert event["global_step"] == 22 and event["stage"] == 1 and event["lr_factor"] == 0.3
-    assert event["loss"] > 4 * event["level"]
+    assert event["loss"] > 6 * event["level"]
     assert calls == [0, 12]  # the stream read again from the checkpoint's step
     assert metrics["steps"] == 24 and metrics["epochs"] == 2
-    assert 1 < metrics["loss_spike_max_ratio"] < 4  # the normal steps stayed below
+    assert 1 < metrics["loss_spike_max_ratio"] < 6  # the normal steps stayed below
     with open(os.path.join(workdir, "checkpoints", "recoveries.json")) as f:
         assert json.load(f) == metrics["recoveries"]
     with open(os.path.join(workdir, "history.csv")) as f:
