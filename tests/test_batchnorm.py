@@ -169,7 +169,7 @@ def test_the_trainer_ends_with_precise_statistics(precise_run):
 
 
 def test_stale_statistics_are_reported_with_the_fix(monkeypatch, caplog):
-    from keras_ft import job as job_lib
+    from keras_ft import health, job as job_lib
 
     class Data:
         def statistics_stream(self):
@@ -184,14 +184,14 @@ def test_stale_statistics_are_reported_with_the_fix(monkeypatch, caplog):
 
     monkeypatch.setattr(job_lib, "enter_final_stage", lambda job: None)
     monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: (0.1, 0.9))
-    assert job_lib.batchnorm_gap(Job) == pytest.approx(0.8)
+    assert health.batchnorm_gap(Job) == pytest.approx(0.8)
     assert "freeze.precise_bn='final'" in caplog.text and "0.100" in caplog.text
     monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: (0.9, 0.6))
     caplog.clear()
-    assert job_lib.batchnorm_gap(Job) == pytest.approx(-0.3)  # noisy batches: no warning
+    assert health.batchnorm_gap(Job) == pytest.approx(-0.3)  # noisy batches: no warning
     assert "stale" not in caplog.text
     monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: None)
-    assert job_lib.batchnorm_gap(Job) is None  # no layer on batch statistics
+    assert health.batchnorm_gap(Job) is None  # no layer on batch statistics
 
 
 def test_resume_across_precise_bn_is_exact(tmp_path, precise_run, monkeypatch):
