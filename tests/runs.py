@@ -118,7 +118,12 @@ class SharedRun:
 # dropout and with re-estimated BatchNorm statistics, so the random backbone
 # gets real gradients and a run is a pure function of its data stream: the
 # same SGD steps on any number of replicas or workers.
-PARITY = ("--config.model.dropout=0.0", "--config.freeze.batchnorm=reestimate")
+# At configs/tiny.py's rate of 0.01 the random-init model is chaotic: float
+# summation order alone (one device vs two replicas) grows past 1e-5.
+PARITY = (
+    "--config.model.dropout=0.0", "--config.freeze.batchnorm=reestimate",
+    "--config.optimizer.learning_rate=0.001",
+)
 # Without the export (a third of a tiny run's time): compared by its
 # checkpoints and history only.
 ONE_DEVICE = SharedRun("one_device", *PARITY, "--config.export.enabled=False")
