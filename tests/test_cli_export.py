@@ -60,8 +60,8 @@ def test_export_predict_evaluate(tmp_path):
         "--config.optimizer.learning_rate=0.001",
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    # One pass of 15 training images in whole batches of 4.
-    assert "Re-estimated BatchNorm statistics on 3 training batches" in trained.stderr
+    # One pass of the 16 training images in whole batches of 4.
+    assert "Re-estimated BatchNorm statistics on 4 training batches" in trained.stderr
     export_dir = workdir / "export"
 
     # ------------------------------------------------------------ export
