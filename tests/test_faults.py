@@ -55,7 +55,8 @@ def run_fault(workdir, kind, step, *overrides):
 
 
 def checkpoints(workdir):
-    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    """The checkpoint folders (not checkpoints/recoveries.json)."""
+    return sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.startswith("ckpt-"))
 
 
 def final_state(workdir):
