@@ -145,7 +145,8 @@ def test_resume_refuses_data_that_changed_under_the_checkpoints(tmp_path):
     config = {"data.source": f"folder:{root}", "train.epochs": 1,
               "train.steps_per_epoch": 0, "export.enabled": False}
     trainer.train(tiny_config(config), str(tmp_path / "run"))
-    assert os.listdir(tmp_path / "run" / "checkpoints") == ["ckpt-000000004"]
+    # The start (step 0) and the end of the one epoch of 4 steps.
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["ckpt-000000000", "ckpt-000000004"]
     write_image_folder(tmp_path / "more", {"dark": 8}, seed=1)
     for name in os.listdir(tmp_path / "more" / "dark"):
         shutil.move(tmp_path / "more" / "dark" / name, tmp_path / "data" / "dark" / f"new-{name}")
