@@ -74,7 +74,7 @@ def run(name: str, overrides: dict, workdir: str) -> dict:
             "loss_spike_max_ratio": metrics["loss_spike_max_ratio"],
             "train_images_per_sec": metrics["train_images_per_sec"],
         }
-    except health.TooManySpikes as e:  # "before": a NaN ends the run
+    except health.TooManySpikes as e:  # spikes after train.max_recoveries: exit 3
         result = {"val_accuracy": None, "failed": str(e)}
     result["wall_seconds"] = time.time() - start
     with open(result_file, "w") as f:
@@ -140,7 +140,7 @@ def main():
         for arm in ARMS:
             r = results[f"{arm}@{rate:g}"]
             if r["val_accuracy"] is None:
-                cells.append("NaN, stopped")
+                cells.append("stopped (exit 3)")
                 continue
             extra = f" ({r['recoveries']} rollback(s))" if r.get("recoveries") else ""
             cells.append(f"{r['val_accuracy']:.3f}{extra}")
