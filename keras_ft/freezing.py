@@ -416,6 +416,7 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         self.current = None
         self.info = None
         self.lr_factors: dict[int, float] = {}  # stage index -> extra rate factor
+        self.batch_statistics = None  # BatchNorm layers on batch statistics
         self._epoch = 0
 
     def describe(self) -> str | None:
@@ -448,6 +449,7 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         if index in self.lr_factors:  # lowered by loss-spike rollbacks (keras_ft.health)
             stage = dataclasses.replace(stage, lr_scale=stage.lr_scale * self.lr_factors[index])
         self.info = apply_stage(self.model, stage, self.method, self.bn_policy, self.block_lr)
+        self.batch_statistics = len(batch_statistics_layers(self.model))
         # The train step was traced for the old variable set and multipliers.
         self.model.make_train_function(force=True)
         self.current = index

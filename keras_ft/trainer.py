@@ -103,7 +103,10 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     throughput = callbacks.Throughput(job.batch)
     progress = callbacks.ProgressLog(spec.train.epochs)
     progress.steps_per_epoch = job.steps_per_epoch
-    guard = health.LossGuard(spec.train.loss_spike_factor, job.steps_per_epoch)
+    guard = health.LossGuard(
+        spec.train.loss_spike_factor, job.steps_per_epoch,
+        regime=lambda: schedule.batch_statistics,
+    )
     guard.restore(state)
     recoveries = health.Recoveries(
         os.path.join(out, workdir_lib.CHECKPOINTS), spec.train.max_recoveries,

@@ -160,3 +160,55 @@ def test_spikes_beyond_max_recoveries_stop_the_run(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == [
         "ckpt-000000000", "ckpt-000000012", "recoveries.json"
     ] or sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt-000000000", "ckpt-000000012"]
+
+
+class _Tracker:
+    """The loss metric's sums, as LossGuard reads them."""
+
+    name = "loss"
+
+    def __init__(self):
+        self.total, self.count = tf.Variable(0.0), tf.Variable(0.0)
+
+
+class _Model:
+    def __init__(self):
+        self.metrics = [_Tracker()]
+
+
+def _feed(guard, losses, regime=None):
+    """Steps of the given losses (batch size 1) through `guard`; the index of
+    the one that raised LossSpike, or None."""
+    tracker = guard.model.metrics[0]
+    for i, loss in enumerate(losses):
+        if regime is not None:
+            guard.regime = lambda value=regime[i]: value
+        guard.on_train_batch_begin(i)
+        tracker.total.assign_add(loss)
+        tracker.count.assign_add(1.0)
+        try:
+            guard.on_train_batch_end(i)
+        except health.LossSpike:
+            return i
+    return None
+
+
+def _guard(factor=6.0):
+    guard = health.LossGuard(factor, steps_per_epoch=1000)
+    guard.set_model(_Model())
+    return guard
+
+
+def test_the_guard_judges_each_step_against_its_recent_level():
+    start = [10.0] * 20  # the starting level: 10
+    assert _feed(_guard(), start + [1.0] * 30 + [7.0]) is None  # 7x, but below the start
+    assert _feed(_guard(), start + [1.0] * 30 + [13.0]) == 50  # 13x and above the start
+    assert _feed(_guard(), start + [2.0] * 30 + [11.0]) is None  # 5.5x: under the factor
+    assert _feed(_guard(), [2.0] * 5 + [float("nan")]) == 5  # non-finite: at any time
+    assert _feed(_guard(), [2.0] * 5 + [500.0]) is None  # too early to know a level
+    assert _feed(_guard(factor=0.0), start + [500.0]) is None  # off: NaN/inf only
+    # A new BatchNorm regime (a stage switch): a new level, so no ratio test
+    # until 20 steps are seen again.
+    regime = [1] * 50 + [2] * 30
+    assert _feed(_guard(), start + [1.0] * 30 + [13.0] * 30, regime) is None
+    assert _feed(_guard(), start + [1.0] * 30 + [13.0] * 30) == 50
