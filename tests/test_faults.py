@@ -55,8 +55,9 @@ def run_fault(workdir, kind, step, *overrides):
 
 
 def checkpoints(workdir):
-    """The checkpoint folders (not checkpoints/recoveries.json)."""
-    return sorted(n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.startswith("ckpt-"))
+    """The folders in checkpoints/, temporary ones too (not recoveries.json)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
 
 
 def final_state(workdir):
