@@ -162,7 +162,7 @@ def get_config(arg=None):
     #   per epoch and stage lengths in steps
     config.optimizer.clip_norm = 0.0  # clip gradients to this global norm; 0 = off.
     #   Off by default, from measurement (benchmarks/stability.py, docs/stability.md):
-    #   at 1.0 it cost 5% per step and 6-23 points of accuracy at the good rates
+    #   at 1.0 it cost 0-5% per step and 6-23 points of accuracy at the good rates
     #   (0.001-0.01) of the quickstart recipe on Fashion-MNIST; it helps only at
     #   rates 3-10x too high, where the spike rollback already saves the run
     config.optimizer.l2sp = 0.0  # L2-SP alpha: adds alpha/2 * ||θ - θ0||^2 over
