@@ -43,8 +43,11 @@ def train(
 
     Raises:
         checkpoint.Preempted: stopped by SIGTERM, after saving.
-        callbacks.NonFiniteLoss, checkpoint.NonFiniteState: the loss or the
-            weights became NaN or infinite; the last checkpoint is intact.
+        health.TooManySpikes, checkpoint.NonFiniteState: the loss spiked or
+            became NaN again after `train.max_recoveries` rollbacks, or a
+            weight to be saved is not finite; the last checkpoint is intact.
+        health.ChanceLevel: the final result is at chance level; nothing
+            was exported.
         ValueError: bad config, data or workdir.
     """
     spec = spec_lib.resolve(config)  # every value checked before any work
