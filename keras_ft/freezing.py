@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import backbones, callbacks, optim, stages as stages_lib
+from keras_ft import backbones, callbacks, checkpoint, optim, stages as stages_lib
 from keras_ft.stages import Stage
 
 BN_POLICIES = ("frozen", "trainable", "reestimate")
@@ -229,7 +229,7 @@ def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
         raise ValueError(f"BatchNorm statistics need num_batches >= 1, got {num_batches}.")
     saved = [(l.trainable, l.momentum, l.synchronized) for l in layers]
     before = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
-    rng = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    rng = checkpoint.rng_state(model)
     rng_values = [v.numpy() for v in rng]
     sums = [[0.0, 0.0] for _ in layers]  # per layer: sum of w*mean, of w*(var + mean^2)
     seen, weight, done = 0, 0, False
@@ -299,7 +299,7 @@ def train_eval_gap(model, dataset, num_batches: int) -> tuple[float, float] | No
     statistics = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
     dropouts = [l for l in backbones.all_layers(model) if isinstance(l, keras.layers.Dropout)]
     rates = [l.rate for l in dropouts]
-    rng = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    rng = checkpoint.rng_state(model)
     rng_values = [v.numpy() for v in rng]
     correct, count = np.zeros(2), 0
     try:
