@@ -133,6 +133,17 @@ def get_config(arg=None):
     #   (benchmarks/stability.py): healthy runs reach 3.98x, collapses 7-21x
     config.train.max_recoveries = 3  # rollbacks allowed; then exit 3
     config.train.recovery_lr_factor = 0.3  # each rollback's rate factor
+    config.train.label_smoothing = 0.0  # in [0, 1): train on targets
+    #   (1 - label_smoothing) x one-hot + label_smoothing / classes (Szegedy et
+    #   al., 2016); also with MixUp/CutMix's soft labels. Validation and
+    #   metrics.json's val_loss use the same smoothed loss; 0 = off
+    config.train.early_stopping_patience = 0  # stop after this many epochs in a
+    #   row without a new best of checkpoint.keep_best (val_loss when that is
+    #   ""); then evaluate and export as usual. 0 = off. Resumable: the best so
+    #   far and the epochs since are checkpoint state
+    config.train.progress = "auto"  # "auto": a Keras progress bar per epoch (ETA,
+    #   images/s, running loss and accuracy) when stdout is a terminal on the
+    #   chief, else one log line per epoch and every 30 s; "bar" or "log" force one
 
     config.optimizer = ml_collections.ConfigDict()
     # Peak SGD learning rate: a positive number, or "auto" = run the LR range
@@ -165,6 +176,11 @@ def get_config(arg=None):
     #   at 1.0 it cost 0-5% per step and 6-23 points of accuracy at the good rates
     #   (0.001-0.01) of the quickstart recipe on Fashion-MNIST; it helps only at
     #   rates 3-10x too high, where the spike rollback already saves the run
+    config.optimizer.ema_decay = 0.0  # in (0, 1), e.g. 0.999: keep an exponential
+    #   moving average of the trained weights, ema <- d x ema + (1 - d) x θ
+    #   after every update (timm --model-ema, Polyak averaging); validation,
+    #   the best checkpoint, metrics.json and the export use the average.
+    #   Checkpointed and resumed exactly. 0 = off
     config.optimizer.l2sp = 0.0  # L2-SP alpha: adds alpha/2 * ||θ - θ0||^2 over
     #   the trained backbone weights, θ0 = the pretrained ones (Li et al., 2018)
 
@@ -218,9 +234,16 @@ def get_config(arg=None):
 
     config.export = ml_collections.ConfigDict()
     config.export.enabled = True  # write workdir/export (SavedModel) at the end
+    config.export.which = "last"  # "last": the weights at the end of training;
+    #   "best": those of the checkpoint.keep_best checkpoint (needs keep_best);
+    #   metrics.json, launch.evaluate and launch.export use the same weights
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.keep = 2  # newest checkpoints kept
+    config.checkpoint.keep_best = ""  # a metric logged each epoch ("val_loss",
+    #   "val_accuracy", ...): also keep the checkpoint of the epoch where it was
+    #   best (lowest for a loss, highest otherwise) in checkpoints/best/,
+    #   beside the newest. Resume always uses the newest. "" = off
     config.checkpoint.every_steps = 0  # also save every this many steps; 0 = only
     #   at epoch ends (and every_seconds, and on SIGTERM)
     config.checkpoint.every_seconds = 600.0  # also save when this long has passed

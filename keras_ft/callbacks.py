@@ -137,6 +137,60 @@ class ProgressLog(ResumableStep, keras.callbacks.Callback):
                      time.perf_counter() - self._start, self._format(logs))
 
 
+class ProgressBar(ResumableStep, keras.callbacks.Callback):
+    """Keras' own `Progbar` per epoch: steps, ETA, images/s and the running
+    loss and metrics (what `fit(verbose=1)` draws, plus images/s, and right
+    for an epoch resumed part-way). For a terminal; `ProgressLog`'s lines
+    are for files. `keras_ft.progress.choose` picks between them.
+
+    Only scalar metrics without a "/" in their name are shown.
+
+    Args:
+        epochs: the run's total number of epochs, for "Epoch 3/10".
+        batch_size: global images per step, for images/s.
+    """
+
+    def __init__(self, epochs: int, batch_size: int):
+        super().__init__()
+        self.epochs, self.batch_size = epochs, batch_size
+        self.steps_per_epoch = None  # the run's (default: fit()'s steps)
+        self._bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        print(f"Epoch {epoch + 1}/{self.epochs}", flush=True)
+        self._bar = None  # drawn at the first step, once the metric names are known
+        self._start, self._done = time.perf_counter(), 0
+
+    HIDDEN = ("stage", "trainable_params")  # in the log line and history.csv
+
+    @classmethod
+    def _values(cls, logs) -> list:
+        return [(k, float(v)) for k, v in sorted((logs or {}).items())
+                if "/" not in k and k not in cls.HIDDEN]
+
+    def _draw(self, step: int, values: list, finalize: bool = False) -> None:
+        if self._bar is None:
+            # Every value is shown as given ("stateful"): fit's logs are
+            # already the epoch's running means.
+            self._bar = keras.utils.Progbar(
+                self.steps_per_epoch or self.params.get("steps"),
+                stateful_metrics=[k for k, _ in values] + ["images/s"],
+            )
+        self._bar.update(step, values=values, finalize=finalize)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._done += 1
+        rate = self._done * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
+        self._draw(self.step_in_epoch(batch), self._values(logs) + [("images/s", rate)])
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self.step_in_epoch(self._done - 1)
+        self.end_resumed_epoch()
+        rate = self._done * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
+        self._draw(step, self._values(logs) + [("images/s", rate)], finalize=True)
+        self._bar = None
+
+
 class WriteHistory(keras.callbacks.Callback):
     """Rewrites a run's history.csv (atomically) at each epoch end.
 

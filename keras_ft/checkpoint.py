@@ -41,6 +41,7 @@ from keras_ft import callbacks
 
 PREFIX = "ckpt-"
 STATE_FILE = "state.json"
+BEST = "best"  # checkpoints/best/: the checkpoint.keep_best checkpoint
 
 
 class NonFiniteState(FloatingPointError):
@@ -88,10 +89,15 @@ def rng_state(model: keras.Model) -> list:
 
 
 def model_objects(model: keras.Model, reference: list) -> dict:
-    """What a training checkpoint of a `keras_ft.Classifier` holds."""
-    return dict(
+    """What a training checkpoint of a `keras_ft.Classifier` holds: the
+    model, its optimizer, θ0, the random-number state and, with
+    `optimizer.ema_decay`, the weights' moving averages (`keras_ft.ema`)."""
+    objects = dict(
         model=model, optimizer=model.optimizer, reference=reference, rng=rng_state(model)
     )
+    if getattr(model, "ema", None) is not None:
+        objects["ema"] = model.ema.averages
+    return objects
 
 
 def _variables(trackable) -> list:
@@ -138,15 +144,20 @@ class CheckpointManager:
         self.objects = objects
         self.checkpoint = tf.train.Checkpoint(**objects)
         os.makedirs(directory, exist_ok=True)
-        for name in os.listdir(directory):
-            if name.startswith(".tmp-"):
-                logging.warning("Removing incomplete checkpoint %s.", name)
-                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        for folder in (directory, os.path.join(directory, BEST)):
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                if name.startswith(".tmp-"):
+                    logging.warning("Removing incomplete checkpoint %s.", os.path.join(folder, name))
+                    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
     def all(self, directory: str | None = None) -> list[str]:
         """Complete checkpoint folders in `directory` (default: the one saved
         to), oldest first."""
-        directory = directory or self.directory
+        return self.all_in(directory or self.directory)
+
+    @staticmethod
+    def all_in(directory: str) -> list[str]:
+        """Complete checkpoint folders in `directory`, oldest first."""
         if not os.path.isdir(directory):
             return []
         names = [n for n in os.listdir(directory) if n.startswith(PREFIX)]
@@ -195,6 +206,39 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    @property
+    def best_directory(self) -> str:
+        return os.path.join(self.directory, BEST)
+
+    def keep_as_best(self, path: str) -> str:
+        """Keeps the checkpoint folder `path` (already saved) as the best one:
+        `checkpoints/best/ckpt-SSSSSSSSS`, its files hard-linked (copied where
+        links fail), atomically, replacing the previous best.
+
+        Resume never reads it: it is what `export.which="best"` exports.
+        """
+        os.makedirs(self.best_directory, exist_ok=True)
+        final = os.path.join(self.best_directory, os.path.basename(path))
+        if os.path.isdir(final):
+            return final
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=self.best_directory)
+        try:
+            for name in os.listdir(path):
+                try:
+                    os.link(os.path.join(path, name), os.path.join(tmp, name))
+                except OSError:  # another file system, or no hard links
+                    shutil.copy2(os.path.join(path, name), os.path.join(tmp, name))
+            _fsync_tree(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(self.best_directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.all(self.best_directory):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
     @staticmethod
     def read_state(path: str) -> dict:
         """The `state.json` of the checkpoint folder `path`.
@@ -231,6 +275,68 @@ class CheckpointManager:
         return None
 
 
+class BestMetric:
+    """The best value so far of a metric logged each epoch, and how many
+    epochs have passed since: what `checkpoint.keep_best` keeps and
+    `train.early_stopping_patience` stops on. Its state is checkpoint state
+    (`state()`, `restore()`), so a run killed and resumed chooses the same.
+
+    Args:
+        metric: a key of `fit()`'s epoch logs, e.g. "val_loss".
+        patience: stop after this many epochs in a row without a new best
+            (0 = never).
+    """
+
+    def __init__(self, metric: str, patience: int = 0):
+        if patience < 0:
+            raise ValueError(f"train.early_stopping_patience must be >= 0, got {patience}.")
+        self.metric, self.patience = metric, patience
+        self.lower_is_better = "loss" in metric  # val_loss, loss
+        self.value = self.epoch = self.global_step = None
+        self.since = 0
+
+    def update(self, epoch: int, global_step: int, logs: dict) -> bool:
+        """Takes epoch `epoch`'s (1-based) logs; returns whether it is a new best."""
+        if self.metric not in logs:
+            raise ValueError(
+                f"checkpoint.keep_best={self.metric!r} is not in the epoch's logs "
+                f"({', '.join(sorted(logs))}); choose one of those."
+            )
+        value = float(logs[self.metric])
+        better = np.isfinite(value) and (
+            self.value is None
+            or (value < self.value if self.lower_is_better else value > self.value)
+        )
+        if better:
+            self.value, self.epoch, self.global_step, self.since = value, epoch, global_step, 0
+        else:
+            self.since += 1
+        return bool(better)
+
+    @property
+    def stop(self) -> bool:
+        """Whether early stopping ends the run now."""
+        return bool(self.patience) and self.since >= self.patience
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"no finite {self.metric} yet"
+        return f"best {self.metric} {self.value:.4g} at epoch {self.epoch}"
+
+    def state(self) -> dict:
+        return {"best": dict(metric=self.metric, value=self.value, epoch=self.epoch,
+                             global_step=self.global_step, since=self.since)}
+
+    def restore(self, state: dict | None) -> None:
+        best = (state or {}).get("best") or {}
+        if best.get("metric") == self.metric:
+            self.value, self.epoch = best["value"], best["epoch"]
+            self.global_step, self.since = best["global_step"], best["since"]
+        else:
+            self.value = self.epoch = self.global_step = None
+            self.since = 0
+
+
 class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
     """Saves checkpoints during `fit()`: at every epoch end, every
     `every_steps` steps, every `every_seconds` seconds, and on preemption.
@@ -259,6 +365,11 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
             any of them is preempted. Default: each worker decides alone.
         more_state: a function of no arguments giving more JSON-able state
             as it is at the save (e.g. `keras_ft.health.LossGuard.state`).
+        best: a `BestMetric` updated at each epoch end before the save (its
+            state saved with it); with `keep_best`, a new best epoch's
+            checkpoint is also kept in `checkpoints/best/`. When it says
+            stop (early stopping), `fit()` ends after the save.
+        keep_best: keep the best epoch's checkpoint (`checkpoint.keep_best`).
     """
 
     def __init__(
@@ -273,6 +384,8 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         describe_stage=None,
         agree=None,
         more_state=None,
+        best: BestMetric | None = None,
+        keep_best: bool = False,
     ):
         super().__init__()
         if every_steps < 0 or every_seconds < 0:
@@ -290,6 +403,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         self.describe_stage = describe_stage
         self.agree = agree or (lambda flags: flags)
         self.more_state = more_state or dict
+        self.best, self.keep_best = best, keep_best
         self.metric_sums = None  # a resumed epoch's partial metric sums
         self._epoch = 0
         self._last_save = time.monotonic()
@@ -341,9 +455,28 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self.end_resumed_epoch()
         self.history.append({k: float(v) for k, v in (logs or {}).items()})
+        global_step = (epoch + 1) * self.steps_per_epoch
+        improved = self.best is not None and self.best.update(epoch + 1, global_step, logs or {})
         path = self._save(epoch + 1, 0, None)
+        if improved and self.keep_best:
+            logging.info("New %s: kept as %s.", self.best.describe(),
+                         self.manager.keep_as_best(path))
         if self.agree([self._preempted()])[0]:
-            raise Preempted(path, (epoch + 1) * self.steps_per_epoch)
+            raise Preempted(path, global_step)
+        if self.best is not None and self.best.stop:
+            self.model.stop_training = True  # early stopping: after the save
+
+    def repair_best(self) -> None:
+        """After a resume: a kill between an epoch's save and keeping it as
+        the best leaves the best only in the state; keep its checkpoint now."""
+        step = self.best.global_step if self.best is not None else None
+        if not self.keep_best or step is None:
+            return
+        path = os.path.join(self.manager.directory, f"{PREFIX}{step:09d}")
+        kept = os.path.join(self.manager.best_directory, f"{PREFIX}{step:09d}")
+        if not os.path.isdir(kept) and os.path.isdir(path):
+            logging.info("Keeping %s as the best checkpoint (the run stopped before it was).", path)
+            self.manager.keep_as_best(path)
 
     def _preempted(self) -> bool:
         return self.preemption is not None and self.preemption.requested
@@ -352,6 +485,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         state = dict(
             self.extra,
             **self.more_state(),
+            **(self.best.state() if self.best is not None else {}),
             epoch=epoch,
             step=step,
             steps_per_epoch=self.steps_per_epoch,

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import augment as augment_lib, backbones, data as data_lib
+from keras_ft import augment as augment_lib, backbones, data as data_lib, progress
 
 
 @dataclasses.dataclass
@@ -79,7 +79,8 @@ def _extract(model, images: data_lib.ImageSet, image_size, resize, batch_size, f
     ds = data_lib.make_dataset(images, image_size, batch_size, training=False, resize=resize)
     if flip:
         ds = ds.map(lambda x, y: (tf.image.flip_left_right(x), y))
-    return np.asarray(extractor.predict(ds, verbose=0), np.float32)  # compiled, in order
+    verbose = 1 if progress.mode() == "bar" else 0  # Keras' own bar, on a terminal
+    return np.asarray(extractor.predict(ds, verbose=verbose), np.float32)  # compiled, in order
 
 
 def compute(

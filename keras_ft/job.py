@@ -75,6 +75,8 @@ def build_model(
         metrics=metrics,
         jit_compile=spec.train.jit_compile,
     )  # under mixed_float16, Keras wraps the SGD in a LossScaleOptimizer
+    if o.ema_decay:
+        model.enable_ema(o.ema_decay)
     return model
 
 
@@ -150,16 +152,33 @@ def enter_first_stage(job: Job) -> None:
     freezing.apply_stage(job.model, f.stages[0], f.method, f.batchnorm, job.block_lr)
 
 
-def load_trained(workdir: str) -> tuple[keras.Model, dict, spec_lib.RunSpec]:
-    """The model of a workdir with its newest checkpoint's weights.
+def load_trained(
+    workdir: str, which: str | None = None
+) -> tuple[keras.Model, dict, spec_lib.RunSpec]:
+    """The model of a workdir with the weights its run evaluates and exports.
+
+    Those of the newest checkpoint, or of the best one (`checkpoint.keep_best`)
+    when `which` (default: the run's `export.which`) is "best"; and with
+    `optimizer.ema_decay`, their moving average.
 
     Returns:
         The model (compiled, on the default strategy), the checkpoint's state
-        (`epoch`, `step`, `history`, `class_names`, ...) and the run's spec.
+        (`epoch`, `step`, `history`, `class_names`, `path`, ...) and the
+        run's spec.
     """
     spec = spec_lib.resolve(workdir_lib.load_config(workdir))
+    which = spec.export_which if which is None else which
+    if which not in spec_lib.EXPORT_WHICH:
+        raise ValueError(f"Unknown checkpoint choice {which!r}. Choose one of: last, best.")
     directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
-    paths = checkpoint.CheckpointManager(directory).all() if os.path.isdir(directory) else []
+    if which == "best":
+        directory = os.path.join(directory, checkpoint.BEST)
+        if not checkpoint.CheckpointManager.all_in(directory):
+            raise ValueError(
+                f"{workdir} has no best checkpoint ({directory} is empty or missing): "
+                "train with checkpoint.keep_best set, or use the last checkpoint."
+            )
+    paths = checkpoint.CheckpointManager.all_in(directory)
     if not paths:
         raise ValueError(f"{workdir} has no checkpoint yet: train first.")
     states = (_state_or_none(p) for p in reversed(paths))  # the newest readable one
@@ -173,6 +192,8 @@ def load_trained(workdir: str) -> tuple[keras.Model, dict, spec_lib.RunSpec]:
     state = manager.restore_latest()
     if state is None:
         raise ValueError(f"No readable checkpoint in {directory}.")
+    if model.ema is not None:
+        model.ema.exchange()  # the average is what the run evaluated and exported
     return model, state, spec
 
 

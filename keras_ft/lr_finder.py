@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import optim, schedules, workdir
+from keras_ft import optim, progress, schedules, workdir
 
 CSV_FILE, PNG_FILE, JSON_FILE = "lr_find.csv", "lr_find.png", "lr_find.json"
 
@@ -247,6 +247,7 @@ def find_learning_rate(
         else:
             optimizer.learning_rate = schedules.Constant(1.0)
         model.make_train_function(force=True)
+        shown = progress.Counter(len(rates), "LR range test", "steps")
         for step, (lr, batch) in enumerate(zip(rates, dataset)):
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
             optimizer.lr_scale.assign(stage_scale * lr)
@@ -256,9 +257,11 @@ def find_learning_rate(
             losses.append(loss)
             smoothed.append(average / (1 - beta ** (step + 1)))
             best = min(best, smoothed[-1])
+            shown.update(step + 1, lr=float(lr), loss=smoothed[-1])
             if not math.isfinite(smoothed[-1]) or smoothed[-1] > divergence * best:
                 diverged = True
                 break
+        shown.close(step + 1 if losses else 0)
     finally:
         if schedule is not None:
             optimizer.learning_rate = schedule

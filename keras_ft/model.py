@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import backbones, compat
+from keras_ft import backbones, compat, optim as optim_lib
 from keras_ft import weights as weights_lib
 
 
@@ -67,6 +67,17 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
         self._stage_paths = None
         self.l2sp_alpha = 0.0
         self._reference = None  # pretrained weights, for L2-SP and drift
+        self.ema = None  # a keras_ft.ema.WeightAverage (enable_ema), folded after each update
+
+    def enable_ema(self, decay: float):
+        """Keeps an exponential moving average of every tunable weight
+        (`keras_ft.ema`), updated by the train step. Call after `compile()`
+        (and `refresh_tunable`), under the strategy's scope if there is one.
+        Returns the `WeightAverage`."""
+        from keras_ft import ema
+
+        self.ema = ema.WeightAverage(decay, self.tunable_variables())
+        return self.ema
 
     def backbone_inputs(self, x):
         """What the backbone sees for the model's input `x` (e.g. to run the
@@ -187,6 +198,8 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
         if variables:
             grads = tape.gradient(scaled_loss, tf_variables)
             self.optimizer.apply(grads, variables)
+            if self.ema is not None:
+                self.ema.update_after(optim_lib.unwrap(self.optimizer))
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
     def test_step(self, data):

@@ -30,6 +30,8 @@ from keras_ft import stages as stages_lib, validate
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCALING = ("none", "linear")
+PROGRESS = ("auto", "bar", "log")
+EXPORT_WHICH = ("last", "best")
 
 
 # ---------------------------------------------------------------- the spec
@@ -80,6 +82,9 @@ class TrainSpec:
     loss_spike_factor: float
     max_recoveries: int
     recovery_lr_factor: float
+    label_smoothing: float  # 0 = off
+    early_stopping_patience: int  # epochs without a new best; 0 = off
+    progress: str  # "auto", "bar" or "log"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,7 @@ class OptimizerSpec:
     clip_norm: float
     l2sp: float
     lr_find: LrFindSpec
+    ema_decay: float  # 0 = off
 
     @property
     def auto(self) -> bool:
@@ -148,6 +154,12 @@ class CheckpointSpec:
     keep: int
     every_steps: int
     every_seconds: float
+    keep_best: str  # a metric logged each epoch; "" = off
+
+    @property
+    def monitor(self) -> str:
+        """What early stopping watches: keep_best's metric, else val_loss."""
+        return self.keep_best or "val_loss"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +179,7 @@ class RunSpec:
     distribute: DistributeSpec
     checkpoint: CheckpointSpec
     export: bool
+    export_which: str  # "last" or "best": the weights evaluated and exported
     cached_epochs: int  # first epochs trained on cached features (0 = none)
     resolved: dict = dataclasses.field(compare=False, repr=False)  # for config.json
 
@@ -245,6 +258,14 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         recovery_lr_factor=checks.number(
             t.recovery_lr_factor, "train.recovery_lr_factor", 0, 1, open_low=True, open_high=True
         ),
+        label_smoothing=checks.number(
+            t.label_smoothing, "train.label_smoothing", 0, 1, open_high=True, note=" (0 = off)"
+        ),
+        early_stopping_patience=checks.integer(
+            t.early_stopping_patience, "train.early_stopping_patience", 0,
+            note=" (epochs without a new best; 0 = off)",
+        ),
+        progress=checks.choice(t.progress, "train.progress", PROGRESS),
     )
     b = backbones.get(backbone)
     checks.image_size(model.image_size, backbone, b.min_size, b.default_size,
@@ -284,6 +305,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         clip_norm=checks.number(o.clip_norm, "optimizer.clip_norm", 0, note=" (0 = off)"),
         l2sp=checks.number(o.l2sp, "optimizer.l2sp", 0, note=" (0 = off)"),
         lr_find=finder,
+        ema_decay=checks.number(o.ema_decay, "optimizer.ema_decay", 0, 1, open_high=True,
+                                note=" (e.g. 0.999; 0 = off)"),
     )
     if optimizer.auto and accumulation > 1:
         raise ValueError(
@@ -333,7 +356,14 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         every_steps=checks.integer(c.checkpoint.every_steps, "checkpoint.every_steps", 0, note=" (0 = off)"),
         every_seconds=checks.number(c.checkpoint.every_seconds, "checkpoint.every_seconds", 0,
                               note=" (0 = off)"),
+        keep_best=_logged_metric(c.checkpoint.keep_best, tasks.get(task).logged_metrics()),
     )
+    export_which = checks.choice(c.export.which, "export.which", EXPORT_WHICH)
+    if export_which == "best" and not ckpt.keep_best:
+        raise ValueError(
+            "export.which='best' exports the best checkpoint: set checkpoint.keep_best "
+            "to the metric that chooses it (e.g. 'val_loss'), or use export.which='last'."
+        )
 
     resolved = config.to_dict()
     resolved["model"]["image_size"] = model.image_size
@@ -351,6 +381,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         distribute=dist,
         checkpoint=ckpt,
         export=checks.boolean(c.export.enabled, "export.enabled"),
+        export_which=export_which,
         cached_epochs=_cached_epochs(data, freeze, train.epochs),
         resolved=resolved,
     )
@@ -383,6 +414,17 @@ def resolve_data(d) -> DataSpec:
         class_weights=checks.boolean(d.class_weights, "data.class_weights"),
         cache_features=checks.boolean(d.cache_features, "data.cache_features"),
     )
+
+
+def _logged_metric(value, logged: list[str]) -> str:
+    """`checkpoint.keep_best`: "" or one of the metrics `fit()` logs each epoch."""
+    value = checks.text(value, "checkpoint.keep_best")
+    if value and value not in logged:
+        raise ValueError(
+            f"checkpoint.keep_best={value!r} is not a metric logged each epoch. Choose one "
+            f"of: {', '.join(logged)} (or '' for none)."
+        )
+    return value
 
 
 def _schedule_options(schedule: ScheduleSpec) -> dict[str, Any]:

@@ -9,10 +9,14 @@ recipe is the same for every task. The workdir's layout and its resume
 rules are `keras_ft.workdir`'s.
 
     metrics = keras_ft.trainer.train(configs.quickstart.get_config(), "/tmp/qs")
+
+`run` does the same and returns the trained model too (`Result`); it is
+what `keras_ft.fine_tune` calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -21,12 +25,44 @@ import ml_collections
 from absl import logging
 
 from keras_ft import callbacks, checkpoint, distribute, freezing, job as job_lib, lr_stages
-from keras_ft import health, preemption, spec as spec_lib, workdir as workdir_lib
+from keras_ft import ema as ema_lib, health, preemption, progress, spec as spec_lib
+from keras_ft import workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class Result:
+    """What a finished run leaves, besides its workdir.
+
+    Attributes:
+        metrics: the final metrics, as written to `metrics.json`.
+        model: the trained model, with the weights that were evaluated and
+            exported (the moving average with `optimizer.ema_decay`, the best
+            checkpoint's with `export.which="best"`).
+        history: one dict of logs per epoch, as in `history.csv`.
+        workdir: the run's directory.
+        export_path: the SavedModel folder, or None (`export.enabled=False`).
+        spec: the run's resolved `keras_ft.spec.RunSpec`.
+    """
+
+    metrics: dict
+    model: keras.Model
+    history: list[dict]
+    workdir: str
+    export_path: str | None
+    spec: spec_lib.RunSpec
 
 
 def train(
     config: ml_collections.ConfigDict, workdir: str, extra_callbacks: tuple = ()
 ) -> dict:
+    """Runs (or resumes) the training job of `config` in `workdir`; returns
+    its final metrics (`run(...).metrics`; see `run`)."""
+    return run(config, workdir, extra_callbacks).metrics
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, extra_callbacks: tuple = ()
+) -> Result:
     """Runs (or resumes) the training job of `config` in `workdir`.
 
     While it runs, SIGTERM saves a checkpoint at the next step boundary and
@@ -39,7 +75,8 @@ def train(
             keras_ft's own (so after the step's checkpoint, if one is due).
 
     Returns:
-        The final metrics, as written to `metrics.json`.
+        The `Result`: final metrics (as written to `metrics.json`), the
+        trained model, the history, the export's path.
 
     Raises:
         checkpoint.Preempted: stopped by SIGTERM, after saving.
@@ -51,13 +88,14 @@ def train(
         ValueError: bad config, data or workdir.
     """
     spec = spec_lib.resolve(config)  # every value checked before any work
+    progress.quiet_framework_logs()
     # Then the strategy: multi_worker must configure the runtime before any op runs.
     strategy = distribute.start(spec.distribute)
     with preemption.Watch() as watch, distribute.output_dir(strategy, workdir) as out:
         return _run(spec, workdir, out, strategy, watch, list(extra_callbacks))
 
 
-def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -> dict:
+def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -> Result:
     """`train`, reading the run from `workdir` and writing it to `out` (the
     same folder, except on a worker that is not the chief)."""
     # ----------------------------------------------------------------- workdir
@@ -68,6 +106,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
             "--config.optimizer.learning_rate to its suggestion."
         )
     has_checkpoints = workdir_lib.start(workdir, out, spec.resolved, spec.resume)
+    progress.set_mode(progress.choose(spec.train.progress, distribute.is_chief(strategy)))
 
     # ---------------------------------------------------------- data and model
     job = job_lib.assemble(spec, strategy)
@@ -85,6 +124,10 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     )
     state = _restore(manager, job, has_checkpoints) if spec.resume else None
     history = state["history"] if state else []
+    best = None  # the monitored metric's best so far (keep_best, early stopping)
+    if spec.checkpoint.keep_best or spec.train.early_stopping_patience:
+        best = checkpoint.BestMetric(spec.checkpoint.monitor, spec.train.early_stopping_patience)
+        best.restore(state)
     epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     if state is None:  # a resumed run's checkpoint holds its statistics
         job_lib.reestimate_if_configured(job)
@@ -104,8 +147,14 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         job.steps_per_epoch,
     )
     throughput = callbacks.Throughput(job.batch)
-    progress = callbacks.ProgressLog(spec.train.epochs)
-    progress.steps_per_epoch = job.steps_per_epoch
+    bar = progress.mode() == "bar"
+    # With the bar, the log keeps its one line per epoch (stderr, for the record).
+    log = callbacks.ProgressLog(spec.train.epochs, every_seconds=float("inf") if bar else 30.0)
+    log.steps_per_epoch = job.steps_per_epoch
+    shown = [log]
+    if bar:
+        shown.append(callbacks.ProgressBar(spec.train.epochs, job.batch))
+        shown[-1].steps_per_epoch = job.steps_per_epoch
     guard = health.LossGuard(
         spec.train.loss_spike_factor, job.steps_per_epoch,
         regime=lambda: schedule.batch_statistics,
@@ -133,20 +182,24 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         describe_stage=schedule.describe,
         agree=lambda flags: distribute.any_worker(strategy, flags),
         more_state=lambda: dict(guard.state(), recoveries=recoveries.events),
+        best=best,
+        keep_best=bool(spec.checkpoint.keep_best),
     )
+    saver.repair_best()
     history_path = os.path.join(out, workdir_lib.HISTORY_FILE)
     fit_callbacks = [
         schedule,
         freezing.BlockDrift(),
         guard,  # before the save: a spiking or NaN step is never checkpointed
         precise_bn,  # after an epoch's last step: before its validation and save
+        *([ema_lib.ValidateAverage(model.ema)] if model.ema is not None else []),
         throughput,
         keras.callbacks.TensorBoard(os.path.join(out, workdir_lib.TENSORBOARD)),
-        progress,
+        *shown,
         saver,  # after the metrics' callbacks: the epoch's logs are complete
         callbacks.WriteHistory(history_path, history),  # after the saver adds the epoch
     ] + extra_callbacks
-    resumable = (schedule, guard, progress, precise_bn)
+    resumable = (schedule, guard, precise_bn, *shown)
     if watch.requested:  # SIGTERM during start-up: nothing new to save
         raise checkpoint.Preempted(
             state["path"] if state else None, epoch * job.steps_per_epoch + step
@@ -156,7 +209,11 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         saver.save_start(model)
     class_weight = data.class_weight()
     val_stream = distribute.shard_by_data(data.eval_stream("val"))
-    if epoch < spec.train.epochs:
+    if best is not None and best.stop:  # a resumed run that had stopped early
+        epoch = len(history)
+        logging.info("Early stopping ended this run at epoch %d (%s); evaluating and "
+                     "exporting.", epoch, best.describe())
+    elif epoch < spec.train.epochs:
         logging.info(
             "Training epochs %d..%d of %d, %d steps each%s.",
             epoch + 1, spec.train.epochs, spec.train.epochs, job.steps_per_epoch,
@@ -166,7 +223,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         logging.info("All %d epochs are done; evaluating and exporting.", spec.train.epochs)
     # In parts: the rest of an interrupted epoch on its own, then the epochs
     # on cached features, then those on images.
-    while epoch < spec.train.epochs:
+    while epoch < spec.train.epochs and not (best is not None and best.stop):
         cached = epoch < spec.cached_epochs
         end = epoch + 1 if step else spec.cached_epochs if cached else spec.train.epochs
         # The training stream is a pure function of the seed: skipping the
@@ -197,15 +254,25 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
             )
         except health.LossSpike as spike:  # back to the last checkpoint, gentler
             state = _roll_back(spike, manager, schedule, guard, recoveries, history)
+            if best is not None:
+                best.restore(state)
             schedule.lr_factors = _stage_factors(auto_factors, recoveries)
             epoch, step = state["epoch"], state["step"]
             continue
         epoch, step = end, 0
+        if best is not None and best.stop:
+            epoch = len(history)
+            logging.info(
+                "Early stopping at epoch %d of %d: no better %s for %d epoch(s) (%s).",
+                epoch, spec.train.epochs, best.metric, best.since, best.describe(),
+            )
     workdir_lib.write_history(history_path, history)
 
     # --------------------------------------------------------- evaluate, export
     if spec.cached_epochs:  # the test step may have been traced for features last
         model.make_test_function(force=True)
+    steps = int(model.optimizer.iterations.numpy())  # before the best checkpoint's
+    exported = _final_weights(spec, manager, model, job.reference, state)
     bn_gap = health.batchnorm_gap(job)
     results = model.evaluate(val_stream, verbose=0, return_dict=True)
     main = job.task.main_metric
@@ -216,8 +283,8 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         "task": spec.task,
         # None when this invocation trained no step (the run was complete).
         "train_images_per_sec": throughput.images_per_sec if throughput.steps else None,
-        "epochs": spec.train.epochs,
-        "steps": int(model.optimizer.iterations.numpy()),
+        "epochs": epoch,  # train.epochs, unless early stopping ended the run sooner
+        "steps": steps,
         "train_images": data.train_size,
         "val_images": data.val_size,
         "num_classes": len(data.class_names),
@@ -230,6 +297,10 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         # Loss-spike rollbacks, and how close accepted steps came to one.
         "recoveries": recoveries.events,
         "loss_spike_max_ratio": guard.max_ratio,
+        # Which weights the figures above (and the export) are of.
+        "weights": exported,
+        "best": best.state()["best"] if best is not None else None,
+        "early_stopped": bool(best is not None and best.stop),
     }
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params
@@ -241,14 +312,37 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     except health.ChanceLevel:
         workdir_lib.write_json(os.path.join(out, workdir_lib.METRICS_FILE), metrics)
         raise
+    path = None
     if spec.export:
+        logging.info("Exporting the SavedModel (%s weights)...", exported["which"])
         path = job.task.export(
             model, os.path.join(out, workdir_lib.EXPORT), data.class_names, spec
         )
         logging.info("Exported SavedModel to %s.", path)
     workdir_lib.write_json(os.path.join(out, workdir_lib.METRICS_FILE), metrics)
     logging.info("Final metrics: %s", json.dumps(metrics))
-    return metrics
+    return Result(metrics, model, list(history), workdir, path, spec)
+
+
+def _final_weights(spec, manager, model, reference, state) -> dict:
+    """Puts the weights to evaluate and export in `model`: the best
+    checkpoint's (`export.which="best"`) or the last, then their moving
+    average if there is one. Returns what they are, for metrics.json."""
+    which, path = "last", None
+    if spec.export_which == "best":
+        best = checkpoint.CheckpointManager(
+            manager.best_directory, **checkpoint.model_objects(model, reference)
+        ).restore_latest()
+        if best is None:
+            logging.warning("export.which=best: no best checkpoint was kept (no finite %s); "
+                            "evaluating and exporting the last weights.", spec.checkpoint.keep_best)
+        else:
+            which, path = "best", best["path"]
+            logging.info("export.which=best: the weights of %s (epoch %d).", path, best["epoch"])
+    if model.ema is not None:
+        model.ema.exchange()  # for good: training is over
+    return {"which": which, "checkpoint": path,
+            "ema_decay": model.ema.decay if model.ema is not None else None}
 
 
 def _restore(manager, job: job_lib.Job, has_checkpoints: bool) -> dict | None:

@@ -45,10 +45,9 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from keras_ft import data, headers, limits
+from keras_ft import data, headers, limits, progress
 
 POLICIES = ("skip", "fail")
-LOG_EVERY_S = 10.0
 
 # Kinds of bad file, in the order the summary lists them.
 EMPTY = "empty"
@@ -293,8 +292,8 @@ def _check_files(
 ) -> list[tuple[str | None, str, tuple[str, ...]]]:
     """`(bad kind or None, reason, conversions)` per file path or encoded image."""
     results = [None] * len(paths)
-    start = last_log = time.monotonic()
     workers = min(16, os.cpu_count() or 1)
+    shown = progress.Counter(len(paths), "Scanning images", "files")
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {
             pool.submit(_check_file, p, max_pixels, root, max_file_bytes): i
@@ -302,13 +301,8 @@ def _check_files(
         }
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             results[futures[future]] = future.result()
-            now = time.monotonic()
-            if now - last_log >= LOG_EVERY_S:
-                last_log = now
-                logging.info(
-                    "Scanning images: %s/%s files (%.0f/s).",
-                    f"{done:,}", f"{len(paths):,}", done / (now - start),
-                )
+            shown.update(done)
+    shown.close()
     return results
 
 

@@ -54,7 +54,7 @@ LEFTOVERS = (".export-", ".tflite-")
 # same on any number of replicas; a run preempted on 8 GPUs may go on on 4.
 RESUMABLE_CHANGES = frozenset({
     "resume", "optimizer.learning_rate", "data.cache_images_mb", "train.jit_compile",
-    "distribute.strategy", "distribute.cpu_devices",
+    "distribute.strategy", "distribute.cpu_devices", "train.progress", "export.which",
 })
 
 # Keys of configs saved by earlier keras_ft versions, and their names today.

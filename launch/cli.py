@@ -11,9 +11,14 @@ Exit codes:
     42 launch.train: preempted (SIGTERM); saved, rerun to resume
 """
 
+import os
 import sys
 
 from absl import flags
+
+# TensorFlow's C++ start-up lines (CPU features, CUDA probing, oneDNN) are
+# not the run's; TF_CPP_MIN_LOG_LEVEL=0 brings them back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_BAD_INPUT = 2
 

@@ -209,8 +209,10 @@ def test_progress_is_logged(messy, monkeypatch):
     # Recorded at the call, not through logging handlers: absl's verbosity
     # depends on what ran before in the same test process.
     lines = []
-    monkeypatch.setattr(validate, "LOG_EVERY_S", 0.0)
-    monkeypatch.setattr(validate.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+    from keras_ft import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    monkeypatch.setattr(progress.logging, "info", lambda fmt, *args: lines.append(fmt % args))
     validate.scan(sources.from_folder(messy))
     assert any("Scanning images: 19/19 files" in line for line in lines), lines
 

@@ -94,6 +94,12 @@ class Task(abc.ABC):
     name: str = ""
     main_metric: str = ""  # a compiled metric's name: metrics.json has "val_" + it
 
+    def logged_metrics(self) -> list[str]:
+        """The metrics `fit()` logs each epoch, validation first: what
+        `checkpoint.keep_best` and early stopping may watch. A task whose
+        `loss_and_metrics` adds metrics besides `main_metric` lists them too."""
+        return ["val_loss", f"val_{self.main_metric}", "loss", self.main_metric]
+
     @abc.abstractmethod
     def load_data(self, spec: "RunSpec") -> TaskData:
         """Reads, checks and splits the data of `spec.data`."""

@@ -159,6 +159,37 @@ class ImageData(base.TaskData):
         return weights
 
 
+@keras.saving.register_keras_serializable(package="keras_ft")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy of logits against smoothed targets, from integer labels:
+
+        t = (1 − ε)·onehot(y) + ε / K        (K classes; Szegedy et al., 2016)
+        loss = −Σ_k t_k · log softmax(logits)_k
+
+    Keras' sparse cross-entropy has no smoothing; its categorical one does,
+    with this same formula, but needs one-hot labels.
+
+    Args:
+        label_smoothing: ε in [0, 1).
+    """
+
+    def __init__(self, label_smoothing: float, name="smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
+        targets = tf.one_hot(labels, tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(
+            targets, y_pred, from_logits=True, label_smoothing=self.label_smoothing
+        )
+
+    def get_config(self):
+        return dict(super().get_config(), label_smoothing=self.label_smoothing)
+
+
 class ImageClassification(base.Task):
     """Single-label image classification (see the module docstring)."""
 
@@ -188,12 +219,16 @@ class ImageClassification(base.Task):
         """Integer labels, or one-hot (soft) labels when `data.augment` mixes
         batches (MixUp/CutMix). Either way the metric is named "accuracy"
         (history.csv, metrics.json); with mixed labels it is agreement with
-        the dominant label."""
+        the dominant label. `train.label_smoothing` smooths either kind of
+        target (`SmoothedSparseCrossentropy` for integer labels)."""
+        smoothing = spec.train.label_smoothing
         if spec.data.augment.mixes:
             return (
-                keras.losses.CategoricalCrossentropy(from_logits=True),
+                keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=smoothing),
                 [keras.metrics.CategoricalAccuracy(name="accuracy")],
             )
+        if smoothing:
+            return SmoothedSparseCrossentropy(smoothing), ["accuracy"]
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
 
     def export(self, model, path: str, class_names: list[str], spec) -> str:
