@@ -64,16 +64,16 @@ class WeightAverage:
             d = tf.cast(self.decay, average.dtype)
             average.assign(d * average.value + (1 - d) * tf.cast(v.value, average.dtype))
 
-    def update_after(self, optimizer) -> None:
-        """`update`, when the optimizer's last `apply` was an update: every
-        call without gradient accumulation, every n-th batch with it."""
+    def update_after(self, optimizer, iterations_before) -> None:
+        """`update`, if the optimizer's last `apply` was an update: every call
+        without gradient accumulation; with it, the calls that moved
+        `optimizer.iterations` (which counts updates) past `iterations_before`."""
         n = optimizer.gradient_accumulation_steps
         if not n or n <= 1:
             self.update()
             return
-        # `iterations` counts batches and was just incremented.
         tf.cond(
-            tf.equal(optimizer.iterations % n, 0),
+            tf.not_equal(optimizer.iterations, iterations_before),
             lambda: (self.update(), tf.constant(True))[1],
             lambda: tf.constant(False),
         )

@@ -197,9 +197,12 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         if variables:
             grads = tape.gradient(scaled_loss, tf_variables)
-            self.optimizer.apply(grads, variables)
-            if self.ema is not None:
-                self.ema.update_after(optim_lib.unwrap(self.optimizer))
+            if self.ema is None:
+                self.optimizer.apply(grads, variables)
+            else:
+                iterations = tf.identity(self.optimizer.iterations)  # before the update
+                self.optimizer.apply(grads, variables)
+                self.ema.update_after(optim_lib.unwrap(self.optimizer), iterations)
         return self._update_metrics(loss, x, y, y_pred, sample_weight)
 
     def test_step(self, data):
