@@ -9,6 +9,11 @@ probabilities, so they are easy to check by hand:
     calibration_bins       per-confidence-bin counts, accuracy and confidence
     expected_calibration_error   ECE over equal-width confidence bins
 
+and the interpretation of fastai's `ClassificationInterpretation`:
+
+    most_confused          the largest off-diagonal confusion entries
+    top_losses             the images of highest cross-entropy
+
 The figures (confusion matrix, reliability diagram, training curves) use
 matplotlib's "Agg" backend, imported only when a figure is drawn.
 `render_markdown` turns the report dict written to `report.json` into
@@ -20,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 ECE_BINS = 15  # Guo et al. (2017), "On Calibration of Modern Neural Networks"
+LOG_EPS = 1e-12  # probabilities are clipped to this before the log: a finite loss
 
 
 # ---------------------------------------------------------------- metrics
@@ -122,7 +128,7 @@ def expected_calibration_error(labels, probabilities, num_bins: int = ECE_BINS) 
     return float(np.sum(bins["count"] / total * gaps))
 
 
-def cross_entropy(labels, probabilities, eps: float = 1e-12) -> float:
+def cross_entropy(labels, probabilities, eps: float = LOG_EPS) -> float:
     """Mean negative log-probability of the true class."""
     probabilities = np.asarray(probabilities, np.float64)
     picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
@@ -176,6 +182,80 @@ def evaluate(labels, probabilities, class_names: list[str]) -> dict:
             f"top-{num_classes} accuracy is 1 by definition."
         )
     return result
+
+
+def headline(result: dict) -> dict:
+    """The figures two evaluations are compared by (plain vs test-time
+    augmentation): accuracy, top-5 accuracy, loss and ECE of an `evaluate` result."""
+    return {
+        "accuracy": result["accuracy"],
+        "top5_accuracy": result["top5_accuracy"],
+        "loss": result["loss"],
+        "ece": result["calibration"]["ece"],
+    }
+
+
+# --------------------------------------------------------- interpretation
+
+
+def most_confused(confusion, class_names: list[str], k: int = 10) -> list[dict]:
+    """The `k` most frequent mistakes: off-diagonal confusion entries.
+
+    As fastai's `ClassificationInterpretation.most_confused(min_val=1)`:
+    entries of 0 are left out; the largest count comes first, ties in order
+    of the true class's name, then the predicted class's.
+
+    Returns:
+        Up to `k` dicts `{"true", "predicted", "count"}` (class names, images).
+    """
+    confusion = np.asarray(confusion)
+    mistakes = confusion * (1 - np.eye(len(class_names), dtype=confusion.dtype))
+    pairs = [
+        (int(confusion[i, j]), class_names[i], class_names[j])
+        for i, j in np.argwhere(mistakes > 0)  # at most one pair per image: no C^2 loop
+    ]
+    pairs.sort(key=lambda pair: (-pair[0], pair[1], pair[2]))
+    return [{"true": t, "predicted": p, "count": n} for n, t, p in pairs[:k]]
+
+
+def top_losses(labels, probabilities, paths, class_names: list[str], k: int = 10) -> list[dict]:
+    """The `k` images the model is most wrong about: highest cross-entropy first.
+
+    An image's loss is `-log p(true class)` (clipped at `LOG_EPS`, as in
+    `cross_entropy`, whose mean it is); ties keep the input order.
+
+    Args:
+        labels: int `[N]`, the true classes.
+        probabilities: `[N, C]`.
+        paths: `N` names of the images (file paths), in the same order.
+        class_names: the `C` class names.
+        k: how many images to list (at most N).
+
+    Returns:
+        Up to `k` dicts `{"path", "true", "predicted", "probability" (of the
+        predicted class), "true_probability", "loss"}`.
+    """
+    labels = np.asarray(labels, np.int64)
+    probabilities = np.asarray(probabilities, np.float64)
+    if not len(paths) == len(labels) == len(probabilities):
+        raise ValueError(
+            f"{len(paths)} paths, {len(labels)} labels and {len(probabilities)} "
+            "rows of probabilities: give one of each per image."
+        )
+    true_probability = probabilities[np.arange(len(labels)), labels]
+    loss = -np.log(np.maximum(true_probability, LOG_EPS))
+    predicted = probabilities.argmax(axis=1)
+    return [
+        {
+            "path": str(paths[i]),
+            "true": class_names[labels[i]],
+            "predicted": class_names[predicted[i]],
+            "probability": float(probabilities[i, predicted[i]]),
+            "true_probability": float(true_probability[i]),
+            "loss": float(loss[i]),
+        }
+        for i in np.argsort(-loss, kind="stable")[:k]
+    ]
 
 
 # ---------------------------------------------------------------- figures
@@ -302,6 +382,10 @@ def _number(x, digits=4) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _probability(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.2e}"  # a confident mistake's p can be ~1e-9
+
+
 def _cell(value) -> str:
     return str(value).replace("|", "\\|")  # a "|" would end the table cell
 
@@ -309,8 +393,9 @@ def _cell(value) -> str:
 def render_markdown(report: dict) -> str:
     """The human-readable `report.md` of a report dict (see `launch.evaluate`)."""
     lines = [f"# Evaluation report: `{report['workdir']}`", ""]
+    data = f" `{report['data']}`" if report.get("data") else ""
     lines += [
-        f"Split: **{report['split']}** ({report['num_images']} images, "
+        f"Split: **{report['split']}**{data} ({report['num_images']} images, "
         f"{len(report['class_names'])} classes), model from `{report['checkpoint']}`.",
         "",
         "| metric | value |",
@@ -329,6 +414,8 @@ def render_markdown(report: dict) -> str:
     ]
     if report.get("top5_note"):
         lines += [f"_{report['top5_note']}_", ""]
+    if report.get("tta"):
+        lines += _tta_table(report)
     lines += ["## Per class", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for row in report["per_class"]:
         lines.append(
@@ -340,9 +427,9 @@ def render_markdown(report: dict) -> str:
         f"| _macro average_ | {_number(macro['precision'])} | {_number(macro['recall'])} "
         f"| {_number(macro['f1'])} | {report['num_images']} |",
         "",
-        "## Figures",
-        "",
     ]
+    lines += _interpretation(report)
+    lines += ["## Figures", ""]
     titles = {
         "confusion_matrix": "Confusion matrix (rows: true class, columns: predicted)",
         "reliability": "Reliability diagram",
@@ -360,3 +447,48 @@ def render_markdown(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _tta_table(report: dict) -> list[str]:
+    """The plain figures beside those with test-time augmentation."""
+    tta, plain = report["tta"], headline(report)
+    rows = [("accuracy", "accuracy", _number), ("top-5 accuracy", "top5_accuracy", _number),
+            ("loss (cross-entropy)", "loss", "{:.4g}".format),
+            ("expected calibration error", "ece", "{:.4g}".format)]
+    lines = [f"## Plain vs TTA {tta['method']}", "", f"| metric | plain | TTA {tta['method']} |",
+             "|---|---|---|"]
+    for title, key, shown in rows:
+        if plain[key] is not None:
+            lines.append(f"| {title} | {shown(plain[key])} | {shown(tta[key])} |")
+    lines.append("")
+    if tta.get("description"):
+        lines += [f"_{tta['description']}_", ""]
+    return lines
+
+
+def _interpretation(report: dict) -> list[str]:
+    """The most-confused class pairs and the top-loss images, if the report has them."""
+    lines = []
+    if "most_confused" in report:
+        lines += ["## Most confused", ""]
+        if report["most_confused"]:
+            lines += ["| true class | predicted as | images |", "|---|---|---|"]
+            lines += [f"| {_cell(m['true'])} | {_cell(m['predicted'])} | {m['count']} |"
+                      for m in report["most_confused"]]
+        else:
+            lines.append("No image was misclassified.")
+        lines.append("")
+    if report.get("top_losses"):
+        lines += [
+            f"## Top losses (the {len(report['top_losses'])} images of highest cross-entropy)", "",
+            "| image | true class | predicted | probability | true class's probability | loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{_cell(t['path'])}` | {_cell(t['true'])} | {_cell(t['predicted'])} "
+            f"| {_probability(t['probability'])} | {_probability(t['true_probability'])} "
+            f"| {t['loss']:.4g} |"
+            for t in report["top_losses"]
+        ]
+        lines.append("")
+    return lines

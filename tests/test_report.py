@@ -113,3 +113,72 @@ def test_figures_are_written(tmp_path):
     ):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_most_confused_by_hand():
+    # Off-diagonal entries: (cat->dog) 3, (dog->cat) 1, (dog->bird) 3, (bird->cat) 2.
+    confusion = np.array([[5, 3, 0], [1, 4, 3], [2, 0, 7]])
+    names = ["cat", "dog", "bird"]
+    assert report.most_confused(confusion, names, k=10) == [
+        {"true": "cat", "predicted": "dog", "count": 3},  # the tie at 3: "cat" < "dog"
+        {"true": "dog", "predicted": "bird", "count": 3},
+        {"true": "bird", "predicted": "cat", "count": 2},
+        {"true": "dog", "predicted": "cat", "count": 1},
+    ]  # the diagonal (right answers) and the zeros are left out
+    assert report.most_confused(confusion, names, k=2) == report.most_confused(confusion, names)[:2]
+    # Ties by the predicted class's name once the true class is the same.
+    tied = np.array([[0, 2, 2], [0, 0, 0], [0, 0, 0]])
+    assert [m["predicted"] for m in report.most_confused(tied, ["x", "b", "a"])] == ["a", "b"]
+    assert report.most_confused(np.diag([3, 4]), ["a", "b"]) == []
+
+
+def test_top_losses_by_hand():
+    # Losses -log p(true): 0.357, 2.303, 0.105, 1.273, 0.478, 2.996.
+    paths = [f"{i}.png" for i in range(6)]
+    names = ["cat", "dog", "bird"]
+    top = report.top_losses(LABELS, PROBABILITIES, paths, names, k=3)
+    assert [t["path"] for t in top] == ["5.png", "1.png", "3.png"]
+    assert top[0] == {
+        "path": "5.png", "true": "bird", "predicted": "cat", "probability": 0.50,
+        "true_probability": 0.05, "loss": pytest.approx(-np.log(0.05)),
+    }
+    assert top[1]["predicted"] == "dog" and top[1]["true_probability"] == pytest.approx(0.10)
+    # All of them: highest first, and their mean is the report's loss.
+    every = report.top_losses(LABELS, PROBABILITIES, paths, names, k=10)
+    assert [t["path"] for t in every] == ["5.png", "1.png", "3.png", "4.png", "0.png", "2.png"]
+    assert np.mean([t["loss"] for t in every]) == pytest.approx(
+        report.cross_entropy(LABELS, PROBABILITIES)
+    )
+    # Ties keep the input order; a probability of 0 is a finite loss.
+    tie = report.top_losses([0, 0, 1], [[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]], ["a", "b", "c"],
+                            ["x", "y"], k=3)
+    assert [t["path"] for t in tie] == ["c", "a", "b"]
+    assert tie[0]["loss"] == pytest.approx(-np.log(report.LOG_EPS))
+    with pytest.raises(ValueError, match="2 paths, 6 labels"):
+        report.top_losses(LABELS, PROBABILITIES, paths[:2], names)
+
+
+def test_markdown_interpretation_and_tta_tables():
+    names = ["cat", "dog", "bird"]
+    result = report.evaluate(LABELS, PROBABILITIES, names)
+    tta = report.evaluate(LABELS, [[0.9, 0.05, 0.05]] * 6, names)
+    result.update(
+        workdir="/w", split="held-out", data="folder:/d", checkpoint="ckpt", figures={},
+        recipe={}, notes=[],
+        tta={"method": "flip", **report.headline(tta)},
+        most_confused=report.most_confused(result["confusion_matrix"], names),
+        top_losses=report.top_losses(LABELS, PROBABILITIES, ["a|b.png"] + list("bcdef"), names),
+    )
+    text = report.render_markdown(result)
+    assert "Split: **held-out** `folder:/d` (6 images" in text
+    assert "| metric | plain | TTA flip |" in text
+    # Plain accuracy 3/6; TTA (always "cat", right on the 2 cats) 2/6.
+    assert "| accuracy | 0.5000 | 0.3333 |" in text
+    assert f"| loss (cross-entropy) | {result['loss']:.4g} | {tta['loss']:.4g} |" in text
+    assert "| cat | dog | 1 |" in text and "| bird | cat | 1 |" in text
+    assert "| `f` | bird | cat | 0.5000 | 0.0500 | 2.996 |" in text  # the top loss first
+    assert "| `a\\|b.png` |" in text
+    clean = report.evaluate([0, 1], [[0.9, 0.1], [0.2, 0.8]], ["a", "b"])
+    clean.update(workdir="/w", split="validation", checkpoint="c", figures={}, recipe={},
+                 most_confused=[])
+    assert "No image was misclassified." in report.render_markdown(clean)
