@@ -107,7 +107,7 @@ def test_export_predict_evaluate(tmp_path):
     predicted = run_module("launch.predict", f"--export={export_dir}", dark, corrupt, light, "--top_k=5")
     assert predicted.returncode == 2, predicted.stderr[-3000:]
     assert error_lines(predicted) == [
-        f"error: cannot decode {corrupt}: not a JPEG, PNG, BMP or GIF image."
+        f"error: skipped {corrupt}: cannot decode: a corrupt or truncated JPEG."
     ]
     lines = predicted.stdout.splitlines()
     assert [l for l in lines if not l.startswith(" ")] == [dark, light]
