@@ -82,6 +82,8 @@ class Counter:
         """`done` units are finished; `values` are shown beside them."""
         if self._bar is not None:
             self._bar.update(done, values=list(values.items()) or None)
+            if self.total is not None and done >= self.total:
+                self._bar = None  # Progbar ends itself at its target
             return
         now = time.monotonic()
         if now - self._last >= EVERY_S:
