@@ -47,7 +47,6 @@ Exit codes:
        of range, an unwritable --out, an unknown --tta
 """
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -261,23 +260,6 @@ def image_names(images) -> list[str]:
 # ------------------------------------------------------------ classifying
 
 
-def _progress(steps: int):
-    """`update(done)` for a `keras.utils.Progbar` of `steps` batches on
-    stderr when stderr is a terminal; otherwise an update that does nothing."""
-    if not getattr(sys.stderr, "isatty", lambda: False)():
-        return lambda done: None
-    import keras
-
-    with contextlib.redirect_stdout(sys.stderr):  # Progbar writes to stdout
-        bar = keras.utils.Progbar(steps, unit_name="batch")
-
-    def update(done):
-        with contextlib.redirect_stdout(sys.stderr):
-            bar.update(done)
-
-    return update
-
-
 def classify(model, images, batch_size: int, resize: str, tta: str = "none"):
     """Softmax probabilities `[N, C]` of every image of `images`, in order.
 
@@ -289,19 +271,20 @@ def classify(model, images, batch_size: int, resize: str, tta: str = "none"):
     """
     import tensorflow as tf
 
-    from keras_ft import data
+    from keras_ft import data, progress
 
     def probabilities(x):
         return tf.nn.softmax(tf.cast(model(x, training=False), tf.float32), axis=-1).numpy()
 
     stream = data.make_dataset(images, model.image_size, batch_size, training=False, resize=resize)
-    update = _progress(-(-len(images) // batch_size))
+    shown = progress.Counter(-(-len(images) // batch_size), "Classifying", "batches")
     plain, augmented = [], []
     for done, (x, _) in enumerate(stream, 1):
         plain.append(probabilities(x))
         if tta == "flip":
             augmented.append((plain[-1] + probabilities(tf.image.flip_left_right(x))) / 2)
-        update(done)
+        shown.update(done)
+    shown.close(len(plain))
     num_classes = len(images.class_names)
     plain = np.concatenate(plain) if plain else np.zeros((0, num_classes), np.float32)
     return plain, (np.concatenate(augmented) if tta == "flip" else None)
@@ -394,6 +377,10 @@ def evaluate(workdir: str, source: str = "", data_split: str = "test", tta: str 
     if loaded is None:
         return cli.EXIT_BAD_INPUT
     model, state, spec = loaded
+    from keras_ft import progress
+
+    progress.quiet_framework_logs()
+    progress.set_mode(progress.choose(spec.train.progress))  # a bar on a terminal
     class_names = state["class_names"]
     try:
         images, missing, scan_report, own_split = load_images(

@@ -38,10 +38,12 @@ def run(config, workdir: str) -> dict:
     """The range tests of `config`'s stages; returns the saved summary."""
     import json
 
-    from keras_ft import job as job_lib, lr_finder, lr_stages, spec as spec_lib
+    from keras_ft import job as job_lib, lr_finder, lr_stages, progress, spec as spec_lib
     from keras_ft import workdir as workdir_lib
 
     spec = spec_lib.resolve(config)
+    progress.quiet_framework_logs()
+    progress.set_mode(progress.choose(spec.train.progress))
     directory = os.path.join(workdir, "lr_find")
     workdir_lib.check_writable(directory)  # before the sweep, not after it
     job = job_lib.assemble(spec)

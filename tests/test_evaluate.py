@@ -45,7 +45,7 @@ results = {}
 for name, argv, tty in cases:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["evaluate", *argv])
-    out, err = io.StringIO(), Terminal() if tty else io.StringIO()
+    out, err = Terminal() if tty else io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = evaluate.main(["evaluate"])
@@ -127,7 +127,7 @@ def evaluations(run, data):
         ("unknown_class", [w, f"--data=folder:{data['zebra']}"], False),
         ("beyond", [w, f"--data=csv:{data['beyond']}"], False),
         ("no_data", [w, "--data=folder:/no/such/folder"], False),
-        ("validation", [w], True),  # stderr a terminal: a progress bar
+        ("validation", [w], True),  # stdout a terminal: a progress bar
     ]
     cases_path = os.path.join(data["root"], "cases.json")
     with open(cases_path, "w") as f:
@@ -207,7 +207,7 @@ def test_held_out_folder_every_image_with_tta(run, evaluations, expected):
     # Held-out data is not what metrics.json describes: no comparison with it.
     assert not any("Warning" in note for note in result["notes"])
     assert "warning:" not in results["held_out"]["stderr"]
-    assert "/batch" not in results["held_out"]["stderr"]  # not a terminal: no progress bar
+    assert "/batch" not in results["held_out"]["stdout"]  # not a terminal: no progress bar
     assert "TTA flip: accuracy" in results["held_out"]["stdout"]
 
     # Interpretation: the highest-loss files, and the largest mistakes.
@@ -274,7 +274,7 @@ def test_validation_split_as_before_with_a_progress_bar(run, evaluations):
     assert result["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
     assert result["tta"] is None and "warning:" not in validation["stderr"]
     # The progress bar: 2 batches of (at most) 4, on the terminal.
-    assert "2/2" in validation["stderr"] and "/batch" in validation["stderr"]
+    assert "2/2" in validation["stdout"] and "/batch" in validation["stdout"]
 
 
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run, evaluations, data):
