@@ -6,7 +6,7 @@ loss and accuracy; and the long preparations: the file scan, feature
 caching, the range test); "log" writes a concise absl line every
 `EVERY_S` seconds instead, which is what files, CI logs and the workers
 other than the chief get. "auto" is "bar" exactly when stdout is a terminal
-and this process is the chief.
+(or a Jupyter notebook) and this process is the chief.
 
 The choice is process-wide (`set_mode`), set by the trainer and the
 `launch.*` scripts from the config, because the preparations it governs
@@ -39,6 +39,9 @@ def choose(setting: str, chief: bool = True) -> str:
 
 
 def _is_terminal(stream) -> bool:
+    """A terminal, or a Jupyter notebook (where Progbar redraws in place)."""
+    if "ipykernel" in sys.modules:
+        return True
     try:
         return stream.isatty()
     except (AttributeError, ValueError):  # replaced or closed streams
