@@ -147,7 +147,8 @@ class CheckpointManager:
         for folder in (directory, os.path.join(directory, BEST)):
             for name in os.listdir(folder) if os.path.isdir(folder) else []:
                 if name.startswith(".tmp-"):
-                    logging.warning("Removing incomplete checkpoint %s.", os.path.join(folder, name))
+                    logging.warning("Removing incomplete checkpoint %s.",
+                                    os.path.relpath(os.path.join(folder, name), directory))
                     shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
     def all(self, directory: str | None = None) -> list[str]:
