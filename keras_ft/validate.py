@@ -41,7 +41,6 @@ import os
 import struct
 import time
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 

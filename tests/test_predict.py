@@ -82,7 +82,7 @@ def test_csv_over_nested_folders(exported, photos, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]  # files were skipped
     assert sorted(error_lines(result)) == sorted(
         f"error: skipped {path}: {reason}." for path, reason in bad.items())
-    assert f"Classified 11 of 16 files in " in result.stderr
+    assert "Classified 11 of 16 files in " in result.stderr
     assert f"images/s); 5 skipped. Wrote {out}." in result.stderr
     assert "━" not in result.stderr and "images/s:" not in result.stderr  # a pipe: no bar
     assert os.listdir(tmp_path) == ["preds.csv"]  # no temporary file left
