@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import callbacks
+from keras_ft import best as best_lib, callbacks
 
 PREFIX = "ckpt-"
 STATE_FILE = "state.json"
@@ -276,68 +276,6 @@ class CheckpointManager:
         return None
 
 
-class BestMetric:
-    """The best value so far of a metric logged each epoch, and how many
-    epochs have passed since: what `checkpoint.keep_best` keeps and
-    `train.early_stopping_patience` stops on. Its state is checkpoint state
-    (`state()`, `restore()`), so a run killed and resumed chooses the same.
-
-    Args:
-        metric: a key of `fit()`'s epoch logs, e.g. "val_loss".
-        patience: stop after this many epochs in a row without a new best
-            (0 = never).
-    """
-
-    def __init__(self, metric: str, patience: int = 0):
-        if patience < 0:
-            raise ValueError(f"train.early_stopping_patience must be >= 0, got {patience}.")
-        self.metric, self.patience = metric, patience
-        self.lower_is_better = "loss" in metric  # val_loss, loss
-        self.value = self.epoch = self.global_step = None
-        self.since = 0
-
-    def update(self, epoch: int, global_step: int, logs: dict) -> bool:
-        """Takes epoch `epoch`'s (1-based) logs; returns whether it is a new best."""
-        if self.metric not in logs:
-            raise ValueError(
-                f"checkpoint.keep_best={self.metric!r} is not in the epoch's logs "
-                f"({', '.join(sorted(logs))}); choose one of those."
-            )
-        value = float(logs[self.metric])
-        better = np.isfinite(value) and (
-            self.value is None
-            or (value < self.value if self.lower_is_better else value > self.value)
-        )
-        if better:
-            self.value, self.epoch, self.global_step, self.since = value, epoch, global_step, 0
-        else:
-            self.since += 1
-        return bool(better)
-
-    @property
-    def stop(self) -> bool:
-        """Whether early stopping ends the run now."""
-        return bool(self.patience) and self.since >= self.patience
-
-    def describe(self) -> str:
-        if self.value is None:
-            return f"no finite {self.metric} yet"
-        return f"best {self.metric} {self.value:.4g} at epoch {self.epoch}"
-
-    def state(self) -> dict:
-        return {"best": dict(metric=self.metric, value=self.value, epoch=self.epoch,
-                             global_step=self.global_step, since=self.since)}
-
-    def restore(self, state: dict | None) -> None:
-        best = (state or {}).get("best") or {}
-        if best.get("metric") == self.metric:
-            self.value, self.epoch = best["value"], best["epoch"]
-            self.global_step, self.since = best["global_step"], best["since"]
-        else:
-            self.value = self.epoch = self.global_step = None
-            self.since = 0
-
-
 class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
     """Saves checkpoints during `fit()`: at every epoch end, every
     `every_steps` steps, every `every_seconds` seconds, and on preemption.
@@ -366,8 +304,8 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
             any of them is preempted. Default: each worker decides alone.
         more_state: a function of no arguments giving more JSON-able state
             as it is at the save (e.g. `keras_ft.health.LossGuard.state`).
-        best: a `BestMetric` updated at each epoch end before the save (its
-            state saved with it); with `keep_best`, a new best epoch's
+        best: a `keras_ft.best.BestMetric` updated at each epoch end before
+            the save (its state saved with it); with `keep_best`, a new best epoch's
             checkpoint is also kept in `checkpoints/best/`. When it says
             stop (early stopping), `fit()` ends after the save.
         keep_best: keep the best epoch's checkpoint (`checkpoint.keep_best`).
@@ -385,7 +323,7 @@ class TrainingCheckpoint(callbacks.ResumableStep, keras.callbacks.Callback):
         describe_stage=None,
         agree=None,
         more_state=None,
-        best: BestMetric | None = None,
+        best: best_lib.BestMetric | None = None,
         keep_best: bool = False,
     ):
         super().__init__()

@@ -24,7 +24,8 @@ import keras
 import ml_collections
 from absl import logging
 
-from keras_ft import callbacks, checkpoint, distribute, freezing, job as job_lib, lr_stages
+from keras_ft import best as best_lib, callbacks, checkpoint, distribute, freezing
+from keras_ft import job as job_lib, lr_stages
 from keras_ft import ema as ema_lib, health, preemption, progress, spec as spec_lib
 from keras_ft import workdir as workdir_lib
 
@@ -126,7 +127,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     history = state["history"] if state else []
     best = None  # the monitored metric's best so far (keep_best, early stopping)
     if spec.checkpoint.keep_best or spec.train.early_stopping_patience:
-        best = checkpoint.BestMetric(spec.checkpoint.monitor, spec.train.early_stopping_patience)
+        best = best_lib.BestMetric(spec.checkpoint.monitor, spec.train.early_stopping_patience)
         best.restore(state)
     epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     if state is None:  # a resumed run's checkpoint holds its statistics

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, noise_images, train_command, train_env
-from keras_ft import checkpoint, job as job_lib, trainer
+from keras_ft import best as best_lib, checkpoint, job as job_lib, trainer
 from runs import printed, tiny_config
 
 # At tiny's rate of 0.01 the random-init model's validation loss on the
@@ -133,21 +133,21 @@ def test_the_best_survives_a_kill_9(best_run, tmp_path, images):
 
 
 def test_best_metric_modes_nan_and_state():
-    loss = checkpoint.BestMetric("val_loss", patience=2)
+    loss = best_lib.BestMetric("val_loss", patience=2)
     assert loss.update(1, 3, {"val_loss": 1.0}) and not loss.update(2, 6, {"val_loss": 1.5})
     assert not loss.update(3, 9, {"val_loss": float("nan")})  # NaN is never a best
     assert loss.stop and (loss.epoch, loss.global_step, loss.since) == (1, 3, 2)
-    accuracy = checkpoint.BestMetric("val_accuracy")
+    accuracy = best_lib.BestMetric("val_accuracy")
     assert accuracy.update(1, 3, {"val_accuracy": 0.5})
     assert accuracy.update(2, 6, {"val_accuracy": 0.75}) and not accuracy.stop  # higher is better
-    restored = checkpoint.BestMetric("val_accuracy")
+    restored = best_lib.BestMetric("val_accuracy")
     restored.restore(accuracy.state())
     assert restored.state() == accuracy.state()
-    other = checkpoint.BestMetric("val_loss")
+    other = best_lib.BestMetric("val_loss")
     other.restore(accuracy.state())  # another metric's state is not taken
     assert other.value is None
     with pytest.raises(ValueError, match="'val_loss' is not in the epoch's logs"):
-        checkpoint.BestMetric("val_loss").update(1, 3, {"loss": 1.0})
+        best_lib.BestMetric("val_loss").update(1, 3, {"loss": 1.0})
 
 
 @pytest.mark.parametrize("overrides, message", [
