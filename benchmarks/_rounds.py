@@ -11,18 +11,21 @@ import sys
 
 
 def interleaved(commands: dict[str, list[str]], rounds: int, steps: int,
-                batch_size: int) -> dict[str, list[float]]:
-    """Seconds per step of each variant, one entry per round."""
+                batch_size: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each variant, one entry per round; and the
+    seconds each worker reported with `ready` (its warm-up)."""
     procs = {
         name: subprocess.Popen([sys.executable, *cmd], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
         for name, cmd in commands.items()
     }
     try:
+        warmup = {}
         for name, p in procs.items():
             line = p.stdout.readline().split()
             if not line or line[0] != "ready":
                 raise SystemExit(f"worker {name} failed to start (see its error above)")
+            warmup[name] = float(line[1])
         seconds = {name: [] for name in procs}
         for r in range(rounds):
             for name, p in procs.items():
@@ -31,7 +34,7 @@ def interleaved(commands: dict[str, list[str]], rounds: int, steps: int,
                 seconds[name].append(float(p.stdout.readline()))
             print(f"round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {batch_size / s[-1]:.1f} img/s" for n, s in seconds.items()), flush=True)
-        return seconds
+        return seconds, warmup
     finally:
         for p in procs.values():
             if p.stdin:

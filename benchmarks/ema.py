@@ -79,7 +79,7 @@ def main():
                                       f"--batch_size={args.batch_size}"]
             for variant in ("off", "ema")
         }
-        seconds = _rounds.interleaved(commands, args.rounds, args.steps, args.batch_size)
+        seconds, _ = _rounds.interleaved(commands, args.rounds, args.steps, args.batch_size)
         off, on = (statistics.median(seconds[f"{backbone} {v}"]) for v in ("off", "ema"))
         results["backbones"][backbone] = {
             "images_per_sec_without": args.batch_size / off,

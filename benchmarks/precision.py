@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import _results  # noqa: E402  (benchmarks/_results.py)
+import _rounds  # noqa: E402  (benchmarks/_rounds.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,43 +71,19 @@ def worker(backbone, image_size, batch_size, variant):
     model.train_on_batch(x, y)  # trace (and compile, with XLA)
     model.train_on_batch(x, y)
     print(f"ready {time.perf_counter() - start:.1f}", flush=True)
-    for line in sys.stdin:
-        command, steps = line.split()
-        start = time.perf_counter()
-        for _ in range(int(steps)):
-            model.train_on_batch(x, y)
-        print((time.perf_counter() - start) / int(steps), flush=True)
+    _rounds.serve(lambda: model.train_on_batch(x, y))
 
 
 def speed(args) -> dict:
     variants = args.variants.split(",")
     for v in variants:
         parse_variant(v)
-    procs = {
-        v: subprocess.Popen(
-            [sys.executable, __file__, "--worker", v, f"--backbone={args.backbone}",
-             f"--image_size={args.image_size}", f"--batch_size={args.batch_size}"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
+    commands = {
+        v: [__file__, "--worker", v, f"--backbone={args.backbone}",
+            f"--image_size={args.image_size}", f"--batch_size={args.batch_size}"]
         for v in variants
     }
-    warmup = {}
-    for v, p in procs.items():
-        line = p.stdout.readline().split()
-        if not line or line[0] != "ready":
-            raise SystemExit(f"worker {v} failed to start (see its error above)")
-        warmup[v] = float(line[1])
-    seconds = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for v, p in procs.items():
-            p.stdin.write(f"train {args.steps}\n")
-            p.stdin.flush()
-            seconds[v].append(float(p.stdout.readline()))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{v} {args.batch_size / seconds[v][-1]:.1f} img/s" for v in variants), flush=True)
-    for p in procs.values():
-        p.stdin.close()
-        p.wait()
+    seconds, warmup = _rounds.interleaved(commands, args.rounds, args.steps, args.batch_size)
     base = statistics.median(seconds[variants[0]])
     return {
         v: {
