@@ -173,12 +173,12 @@ def load_trained(
     directory = os.path.join(workdir, workdir_lib.CHECKPOINTS)
     if which == "best":
         directory = os.path.join(directory, checkpoint.BEST)
-        if not checkpoint.CheckpointManager.all_in(directory):
-            raise ValueError(
-                f"{workdir} has no best checkpoint ({directory} is empty or missing): "
-                "train with checkpoint.keep_best set, or use the last checkpoint."
-            )
     paths = checkpoint.CheckpointManager.all_in(directory)
+    if not paths and which == "best":
+        raise ValueError(
+            f"{workdir} has no best checkpoint ({directory} is empty or missing): "
+            "train with checkpoint.keep_best set, or use the last checkpoint."
+        )
     if not paths:
         raise ValueError(f"{workdir} has no checkpoint yet: train first.")
     states = (_state_or_none(p) for p in reversed(paths))  # the newest readable one
