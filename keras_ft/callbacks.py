@@ -178,16 +178,18 @@ class ProgressBar(ResumableStep, keras.callbacks.Callback):
             )
         self._bar.update(step, values=values, finalize=finalize)
 
+    def _rate(self) -> tuple[str, float]:
+        """Images per second over this invocation's steps of the epoch."""
+        return "images/s", self._done * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
+
     def on_train_batch_end(self, batch, logs=None):
         self._done += 1
-        rate = self._done * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
-        self._draw(self.step_in_epoch(batch), self._values(logs) + [("images/s", rate)])
+        self._draw(self.step_in_epoch(batch), self._values(logs) + [self._rate()])
 
     def on_epoch_end(self, epoch, logs=None):
         step = self.step_in_epoch(self._done - 1)
         self.end_resumed_epoch()
-        rate = self._done * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
-        self._draw(step, self._values(logs) + [("images/s", rate)], finalize=True)
+        self._draw(step, self._values(logs) + [self._rate()], finalize=True)
         self._bar = None
 
 
