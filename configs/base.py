@@ -57,6 +57,9 @@ def get_config(arg=None):
     config.data.val_fraction = 0.2  # share of each class held out, split by
     #   seed; unused when the source has its own split (train/ + val/ folders,
     #   data.tfds.val_split)
+    config.data.train_per_class = 0  # keep this many training images of each
+    #   class (a seeded draw, after the validation split, which stays as it
+    #   is); 0 = all. For learning curves (launch.study --study=size)
     config.data.num_classes = 0  # the classes the data must have (a clear error
     #   otherwise); for a CSV with integer labels, the label range; 0 = from the data
     config.data.tfds = ml_collections.ConfigDict()  # for "tfds:NAME" sources

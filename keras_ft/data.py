@@ -130,6 +130,23 @@ def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, Ima
     )
 
 
+def per_class(data: ImageSet, count: int, seed: int) -> ImageSet:
+    """`count` images of each class of `data`, drawn by `seed` (in their
+    original order): `data.train_per_class`. A smaller `count` draws a subset
+    of a larger one's, so the sets of a learning curve are nested."""
+    rng = np.random.default_rng([seed, 1])  # not the split's stream
+    keep = []
+    for label, name in enumerate(data.class_names):
+        idx = np.flatnonzero(data.labels == label)
+        if len(idx) < count:
+            raise ValueError(
+                f"data.train_per_class={count}, but class {name!r} has {len(idx)} training "
+                "image(s) after the validation split: lower it, or add images."
+            )
+        keep.append(rng.permutation(idx)[:count])
+    return data.subset(np.sort(np.concatenate(keep)))
+
+
 def split_as_given(data: ImageSet) -> tuple[ImageSet, ImageSet]:
     """The source's own train/validation split (`data.val_mask`).
 

@@ -62,6 +62,7 @@ class DataSpec:
     source: str
     val_fraction: float
     num_classes: int  # 0 = from the data
+    train_per_class: int  # 0 = every training image
     tfds: TfdsSpec
     bad_files: str
     resize: str
@@ -398,6 +399,8 @@ def resolve_data(d) -> DataSpec:
         source=checks.text(d.source, "data.source"),
         val_fraction=checks.number(d.val_fraction, "data.val_fraction", 0, 1, open_low=True, open_high=True),
         num_classes=checks.integer(d.num_classes, "data.num_classes", 0, note=" (0 = from the data)"),
+        train_per_class=checks.integer(d.train_per_class, "data.train_per_class", 0,
+                                       note=" (0 = all)"),
         tfds=TfdsSpec(
             split=checks.text(d.tfds.split, "data.tfds.split"),
             val_split=checks.text(d.tfds.val_split, "data.tfds.val_split"),

@@ -61,6 +61,8 @@ def load_splits(data_spec, seed: int):
         train_set, val_set = data_lib.split(dataset, data_spec.val_fraction, seed)
     else:
         train_set, val_set = data_lib.split_as_given(dataset)
+    if data_spec.train_per_class:
+        train_set = data_lib.per_class(train_set, data_spec.train_per_class, seed)
     return dataset, train_set, val_set, scan_report
 
 
