@@ -193,14 +193,14 @@ def test_sized_images_in_memory_give_the_same_stream(tmp_path, policy):
 def test_per_class_draws_nested_subsets_and_names_a_short_class():
     images = np.zeros((30, 4, 4, 1), np.uint8)
     labels = np.array([0] * 20 + [1] * 10)
-    data = data.from_arrays(images, labels, ["a", "b"])
-    small = data.per_class(data, 3, seed=0)
-    large = data.per_class(data, 8, seed=0)
+    ds = data.from_arrays(images, labels, ["a", "b"])
+    small = data.per_class(ds, 3, seed=0)
+    large = data.per_class(ds, 8, seed=0)
     assert np.bincount(small.labels).tolist() == [3, 3]
     # A smaller count keeps a subset of a larger one's images (learning curves).
-    data.images[:] = np.arange(30).reshape(30, 1, 1, 1)
-    small, large = data.per_class(data, 3, 0), data.per_class(data, 8, 0)
+    ds.images[:] = np.arange(30).reshape(30, 1, 1, 1)
+    small, large = data.per_class(ds, 3, 0), data.per_class(ds, 8, 0)
     assert set(small.images[:, 0, 0, 0]) <= set(large.images[:, 0, 0, 0])
-    assert set(small.images[:, 0, 0, 0]) != set(data.per_class(data, 3, 1).images[:, 0, 0, 0])
+    assert set(small.images[:, 0, 0, 0]) != set(data.per_class(ds, 3, 1).images[:, 0, 0, 0])
     with pytest.raises(ValueError, match=r"data.train_per_class=11, but class 'b' has 10"):
-        data.per_class(data, 11, 0)
+        data.per_class(ds, 11, 0)
