@@ -191,7 +191,7 @@ def test_sized_images_in_memory_give_the_same_stream(tmp_path, policy):
 
 
 def test_per_class_draws_nested_subsets_and_names_a_short_class():
-    images = np.zeros((30, 4, 4, 1), np.uint8)
+    images = np.zeros((30, 4, 4, 3), np.uint8)
     labels = np.array([0] * 20 + [1] * 10)
     ds = data.from_arrays(images, labels, ["a", "b"])
     small = data.per_class(ds, 3, seed=0)
