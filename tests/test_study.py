@@ -165,3 +165,16 @@ def test_a_study_reports_its_arms_and_resumes_without_rerunning(tmp_path, monkey
     other.train.epochs = 3
     with pytest.raises(ValueError, match="holds a study of another config .*train.epochs"):
         study.run(other, workdir, ["depth"], study.Options(seeds=2))
+
+
+def test_launch_study_bad_input_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.study", "--config=configs/tiny.py", "--study=depth,deep",
+         f"--workdir={tmp_path / 's'}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: Unknown study 'deep'" in done.stderr
+    assert not os.path.exists(tmp_path / "s")  # nothing written
