@@ -287,8 +287,8 @@ def _check_workdir(config, workdir: str) -> None:
         with open(path) as f:
             saved = json.load(f)
         if saved != resolved:
-            changed = sorted(k for k in set(workdir_lib.flatten(saved)) | set(workdir_lib.flatten(resolved))
-                             if workdir_lib.flatten(saved).get(k) != workdir_lib.flatten(resolved).get(k))
+            before, now = workdir_lib.flatten(saved), workdir_lib.flatten(resolved)
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ValueError(f"{workdir} holds a study of another config (changed: "
                              f"{', '.join(changed[:5])}): use a new --workdir.")
     else:
@@ -319,7 +319,9 @@ def run(config, workdir: str, studies: Sequence[str], options: Options = Options
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.check_writable(workdir)
     _check_workdir(config, workdir)
-    steps_per_epoch = _steps_per_epoch(config, options, studies)
+    # Only the scratch and size arms need the steps per epoch (a scan of the data).
+    needs_steps = {"scratch", "size"} & set(studies)
+    steps_per_epoch = _steps_per_epoch(config, options, studies) if needs_steps else 0
     seeds = [int(config.seed) + k for k in range(options.seeds)]
     result = {"seeds": seeds, "options": dataclasses.asdict(options), "studies": {}}
     for study in studies:
