@@ -12,13 +12,22 @@ Exit codes:
 """
 
 import os
+import re
 import sys
+import tempfile
 
 from absl import flags
 
 # TensorFlow's C++ start-up lines (CPU features, CUDA probing, oneDNN) are
 # not the run's; TF_CPP_MIN_LOG_LEVEL=0 brings them back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The start-up lines TensorFlow's C++ side writes before its logging is set
+# up, which TF_CPP_MIN_LOG_LEVEL does not reach: import_tensorflow drops them.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|\] oneDNN custom operations are on"
+    r"|cudart_stub\.cc|cpu_feature_guard\.cc|To enable the following instructions"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit")
 
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +44,40 @@ def fail(message) -> int:
     text = " ".join(str(message).split()) or type(message).__name__
     print(f"error: {text}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def import_tensorflow():
+    """`import tensorflow`, without its start-up lines on stderr.
+
+    TensorFlow's C++ libraries log at load time, before `absl::InitializeLog`,
+    so TF_CPP_MIN_LOG_LEVEL does not silence them (TF 2.21). The import and
+    the device probe run with file descriptor 2 sent to a temporary file;
+    afterwards every captured line that is not start-up noise (see
+    `_STARTUP_NOISE`) is written to stderr, so nothing else is lost.
+    TF_CPP_MIN_LOG_LEVEL=0 keeps them all.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # CUDA probing logs here
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _STARTUP_NOISE.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+    return tf
 
 
 def parse_flags(argv):
@@ -71,7 +114,8 @@ def load_workdir(workdir: str):
     if not os.path.isdir(workdir):
         fail(f"workdir {workdir} does not exist.")
         return None
-    from keras_ft import job  # after the checks: TensorFlow is slow to import
+    import_tensorflow()  # after the checks: TensorFlow is slow to import
+    from keras_ft import job
 
     try:
         return job.load_trained(workdir)

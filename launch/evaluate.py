@@ -217,6 +217,7 @@ def load_images(source: str, data_split: str, spec, model_classes: list[str]):
         `(images, missing classes, scan report or None, own split)`:
         `own split` tells whether the validation split is the source's own.
     """
+    cli.import_tensorflow()
     from keras_ft import sources, validate
     from keras_ft.tasks import image_classification
 
@@ -269,7 +270,7 @@ def classify(model, images, batch_size: int, resize: str, tta: str = "none"):
         left-right mirror (probabilities, not logits: a very confident view
         does not outvote the other without bound).
     """
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     from keras_ft import data, progress
 

@@ -41,7 +41,7 @@ def parity_images(spec, image_size: int):
     (the parity check is about arithmetic, not accuracy).
     """
     import numpy as np
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     from keras_ft import data
     from keras_ft.tasks import image_classification

@@ -38,6 +38,7 @@ def run(config, workdir: str) -> dict:
     """The range tests of `config`'s stages; returns the saved summary."""
     import json
 
+    cli.import_tensorflow()
     from keras_ft import job as job_lib, lr_finder, lr_stages, progress, spec as spec_lib
     from keras_ft import workdir as workdir_lib
 

@@ -131,8 +131,7 @@ def predict(files, export_dir: str, stream, fmt: str, top_k: int, batch_size: in
         `(files classified, [{"path", "reason"}] of those skipped, seconds)`,
         the seconds counted from after the SavedModel's load.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     served = tf.saved_model.load(export_dir)
     classify = served.signatures["serving_default"]
@@ -253,7 +252,7 @@ def read_batches(files, batch_size):
 def classify_chunk(classify, chunk):
     """`[(path, probabilities, top-1 name, None)]` for `chunk`, in order;
     `(path, None, None, reason)` for a file the export refused."""
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     def run(blobs):
         out = classify(images=tf.constant(blobs))
@@ -420,7 +419,7 @@ class Progress:
         self.start = self.logged = time.perf_counter()
         self.total, self.bar = total, None
         if mode == "bar":  # Keras only here: tf.keras is Keras 3, loaded on first use
-            import tensorflow as tf
+            tf = cli.import_tensorflow()
 
             with contextlib.redirect_stdout(sys.stderr):  # Progbar writes to stdout
                 self.bar = tf.keras.utils.Progbar(total, unit_name="file",

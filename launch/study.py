@@ -50,6 +50,7 @@ def main(argv):
     config = cli.loaded_config(_CONFIG)
     if config is None:
         return cli.EXIT_BAD_INPUT
+    cli.import_tensorflow()
     from keras_ft import progress, study
 
     progress.quiet_framework_logs()

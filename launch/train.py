@@ -47,7 +47,7 @@ def main(argv):
     if config is None:
         return cli.EXIT_BAD_INPUT
     # After flag parsing: TensorFlow is slow to import.
-    import tensorflow as tf
+    tf = cli.import_tensorflow()
 
     from keras_ft import checkpoint, health, preemption, trainer
 

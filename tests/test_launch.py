@@ -41,6 +41,9 @@ def test_workdir_contract_and_resume(tmp_path, images):
     # The stage schedule ran: head first, then the top two blocks.
     assert "Stage 1/2 at epoch 1: head only" in result.stderr
     assert "Stage 2/2 at epoch 2: top 2 block(s)" in result.stderr
+    # A clean log: TensorFlow's C++ start-up lines are dropped.
+    for noise in ("absl::InitializeLog", "oneDNN custom operations", "cudart_stub", "cuInit"):
+        assert noise not in result.stderr
 
     served = tf.saved_model.load(str(workdir / "export"))
     assert {"serving_default", "serving_uint8"} <= set(served.signatures)
@@ -77,6 +80,18 @@ def test_workdir_contract_and_resume(tmp_path, images):
     unreadable = train_error(tiny_config(config), workdir)
     assert "is readable" in unreadable and "resume=False" in unreadable
     assert len(os.listdir(workdir / "checkpoints")) == 2  # nothing was deleted
+
+
+def test_only_tensorflows_start_up_lines_are_dropped():
+    from launch import cli
+
+    kept = ["E0000 00:00:1796302791.9 25778 saver.cc:10] could not write /tmp/x",
+            "W1203 12:59:05.9 1405 polymorphic_function.py:157] 5 out of the last 9 calls"]
+    dropped = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+               "I0000 00:00:1796302789.37 25778 port.cc:153] oneDNN custom operations are on. You may",
+               "I0000 00:00:1796302789.37 25778 cudart_stub.cc:31] Could not find cuda drivers",
+               "E0000 00:00:1796302791.91 25778 cuda_platform.cc:52] failed call to cuInit: INTERNAL"]
+    assert [line for line in kept + dropped if not cli._STARTUP_NOISE.search(line)] == kept
 
 
 @pytest.mark.parametrize(
