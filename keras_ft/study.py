@@ -212,6 +212,18 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
+class _NoRetracingWarnings:
+    """Drops TensorFlow's "triggered tf.function retracing" warning: the arms
+    of a study build a new model each, in one process, so Keras's train and
+    predict functions are traced again on purpose."""
+
+    def filter(self, record) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+_RETRACING_FILTER = _NoRetracingWarnings()  # one instance: addFilter skips a repeat
+
+
 def run_arm(config, arm: Arm, seed: int, directory: str) -> dict:
     """Runs one arm for one seed in `directory` (or resumes it); returns its
     record. A run that fails (NaN, bad data, a loss that keeps spiking) is
@@ -316,6 +328,9 @@ def _steps_per_epoch(config, options: Options, studies: Sequence[str]) -> int:
 def run(config, workdir: str, studies: Sequence[str], options: Options = Options()) -> dict:
     """Runs (or resumes) `studies` of `config` in `workdir`; returns study.json's content."""
     options.check()
+    import tensorflow as tf
+
+    tf.get_logger().addFilter(_RETRACING_FILTER)
     os.makedirs(workdir, exist_ok=True)
     workdir_lib.check_writable(workdir)
     _check_workdir(config, workdir)
