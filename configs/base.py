@@ -115,6 +115,10 @@ def get_config(arg=None):
     #   later stages train on images. Same updates as without, far faster;
     #   needs augmentation limited to flips
 
+    config.data.max_length = 128  # text: tokens per example, [CLS] and [SEP]
+    #   included; longer texts are truncated (the log says how many), shorter
+    #   ones padded. At most the encoder's positions (512 for BERT)
+
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = 32  # summed over all replicas
     config.train.epochs = 5  # total epochs over all freezing stages
@@ -159,7 +163,14 @@ def get_config(arg=None):
     #   accumulation_steps) / lr_base_batch_size (Goyal et al., 2017), so a run
     #   moved to more replicas keeps its recipe. Not applied to "auto"
     config.optimizer.lr_base_batch_size = 256
-    config.optimizer.momentum = 0.9  # v <- momentum * v + g
+    config.optimizer.name = "sgd"  # "sgd" (momentum, written out: keras_ft.optim.SGD)
+    #   or "adamw" (Adam with decoupled weight decay and bias correction,
+    #   keras_ft.optim.AdamW: BERT's fine-tuning optimizer, e.g. 2e-5..5e-5
+    #   with schedule "warmup_linear" and warmup_fraction 0.1)
+    config.optimizer.beta_1 = 0.9  # adamw: first-moment decay
+    config.optimizer.beta_2 = 0.999  # adamw: second-moment decay
+    config.optimizer.epsilon = 1e-6  # adamw: added to sqrt(v) (BERT's 1e-6)
+    config.optimizer.momentum = 0.9  # sgd: v <- momentum * v + g
     config.optimizer.nesterov = False
     config.optimizer.weight_decay = 0.0  # decoupled; skips biases and BatchNorm
     config.optimizer.lr_find = ml_collections.ConfigDict()  # the LR range test
@@ -191,9 +202,12 @@ def get_config(arg=None):
     # its peak is optimizer.learning_rate.
     config.schedule = ml_collections.ConfigDict()
     config.schedule.name = "cosine"  # "constant", "cosine" (to 0 at the end),
-    #   "warmup_cosine" (linear warmup, then cosine), "step" (warmup, then x
+    #   "warmup_cosine" (linear warmup, then cosine), "warmup_linear" (linear
+    #   warmup, then linear decay to 0: BERT), "step" (warmup, then x
     #   decay_factor at decay_boundaries: BiT), "stlr" (ULMFiT's slanted
     #   triangular: short rise, long linear decay)
+    config.schedule.warmup_fraction = 0.0  # in (0, 1): linear warmup over this
+    #   share of the run's updates (BERT: 0.1), in place of warmup_steps
     config.schedule.warmup_steps = 0  # linear warmup from 0 over this many updates
     #   ("constant", "step"; "warmup_cosine" needs > 0; "cosine"/"stlr": keep 0)
     config.schedule.decay_boundaries = (0.3, 0.6, 0.9)  # "step": fractions of the

@@ -78,12 +78,22 @@ def export_saved_model(
     archive.track(model)
     archive.add_endpoint("serving_default", serve_bytes)
     archive.add_endpoint("serving_uint8", serve_uint8)
-    # A variable, not a constant: it survives loading as an attribute, so a
-    # client can name the top-k classes without keras_ft.
-    archive.add_variable_collection(
-        "class_names", [tf.Variable(names, trainable=False, name="class_names")]
-    )
+    archive.add_variable_collection("class_names", class_names_variable(names))
 
+    return write_archive(archive, path)
+
+
+def class_names_variable(names: tf.Tensor) -> list:
+    """The class names as a variable collection of an export: a variable, not
+    a constant, survives loading as an attribute (`loaded.class_names[0]`),
+    so a client can name the top-k classes without keras_ft."""
+    return [tf.Variable(names, trainable=False, name="class_names")]
+
+
+def write_archive(archive: keras.export.ExportArchive, path: str) -> str:
+    """Writes `archive` as a SavedModel to `path`, atomically: under a
+    temporary name, then renamed into place (an old export is replaced only
+    once the new one is complete). Returns `path`."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     workdir.sweep(parent)  # what an export killed before its rename left

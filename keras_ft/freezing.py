@@ -129,7 +129,7 @@ def apply_stage(
     """
     _check(method, METHODS, "freeze.method")
     _check(bn_policy, BN_POLICIES, "freeze.batchnorm")
-    blocks = backbones.block_map(model.backbone, model.backbone_name)
+    blocks = model.block_map()
     if block_lr is not None and len(block_lr) != len(blocks):
         raise ValueError(f"block_lr has {len(block_lr)} entries for {len(blocks)} blocks.")
     first = _first_trained(len(blocks), stage.blocks)
@@ -161,25 +161,26 @@ def apply_stage(
 
 
 def enable_lora(model, rank: int, blocks: int = -1) -> int:
-    """Adds rank-`rank` LoRA adapters to the Dense/Conv2D layers of the top
-    `blocks` backbone blocks (-1: all). Call before `compile()`.
+    """Adds rank-`rank` LoRA adapters to the layers of the top `blocks`
+    backbone blocks (-1: all) that the model's `lora_layers` names (a CNN's
+    Dense and Conv2D layers; a transformer's attention query and value
+    projections). Call before `compile()`.
 
     Returns:
         The number of layers given adapters.
     """
     if rank < 1:
         raise ValueError(f"freeze.lora_rank must be >= 1, got {rank}.")
-    block_map = backbones.block_map(model.backbone, model.backbone_name)
+    block_map = model.block_map()
     first = _first_trained(len(block_map), blocks)
     count = 0
     for _, layers in block_map[first:]:
-        for layer in layers:
-            # Depthwise convolutions have no LoRA support in Keras.
-            if type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
-                layer.enable_lora(rank)
-                count += 1
+        for layer in model.lora_layers(layers):
+            layer.enable_lora(rank)
+            count += 1
     if not count:
-        raise ValueError("No Dense or Conv2D layer in the chosen blocks to adapt with LoRA.")
+        raise ValueError("No layer in the chosen blocks to adapt with LoRA (Dense, Conv2D, "
+                         "or attention projections).")
     model.refresh_tunable()
     return count
 
@@ -473,7 +474,7 @@ class BlockDrift(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.model.snapshot_reference()
         self.blocks = []
-        for block, layers in backbones.block_map(self.model.backbone, self.model.backbone_name):
+        for block, layers in self.model.block_map():
             pairs = [
                 (v, self.model.reference_of(v))
                 for layer in layers for v in layer.weights

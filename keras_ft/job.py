@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import backbones, checkpoint, distribute, freezing, optim, spec as spec_lib
+from keras_ft import checkpoint, distribute, freezing, optim, spec as spec_lib
 from keras_ft import stages as stages_lib, tasks, workdir as workdir_lib
 
 
@@ -60,24 +60,31 @@ def build_model(
         adapted = freezing.enable_lora(model, spec.freeze.lora_rank, spec.freeze.deepest)
         logging.info("LoRA rank %d on %d layers.", spec.freeze.lora_rank, adapted)
     model.l2sp_alpha = spec.optimizer.l2sp
-    o = spec.optimizer
     loss, metrics = task.loss_and_metrics(spec)
     model.compile(
-        optimizer=optim.SGD(
-            spec.learning_rate(total_updates),
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-            weight_decay=o.weight_decay,
-            global_clipnorm=o.clip_norm or None,
-            gradient_accumulation_steps=o.accumulation_steps if o.accumulation_steps > 1 else None,
-        ),
+        optimizer=make_optimizer(spec, total_updates),
         loss=loss,
         metrics=metrics,
         jit_compile=spec.train.jit_compile,
-    )  # under mixed_float16, Keras wraps the SGD in a LossScaleOptimizer
-    if o.ema_decay:
-        model.enable_ema(o.ema_decay)
+    )  # under mixed_float16, Keras wraps the optimizer in a LossScaleOptimizer
+    if spec.optimizer.ema_decay:
+        model.enable_ema(spec.optimizer.ema_decay)
     return model
+
+
+def make_optimizer(spec: spec_lib.RunSpec, total_updates: int):
+    """keras_ft's `optimizer.name` optimizer (`keras_ft.optim`: SGD or AdamW,
+    both written out) at the schedule of `spec` over `total_updates`."""
+    o = spec.optimizer
+    common = dict(
+        weight_decay=o.weight_decay,
+        global_clipnorm=o.clip_norm or None,
+        gradient_accumulation_steps=o.accumulation_steps if o.accumulation_steps > 1 else None,
+    )
+    rate = spec.learning_rate(total_updates)
+    if o.name == "adamw":
+        return optim.AdamW(rate, beta_1=o.beta_1, beta_2=o.beta_2, epsilon=o.epsilon, **common)
+    return optim.SGD(rate, momentum=o.momentum, nesterov=o.nesterov, **common)
 
 
 def assemble(spec: spec_lib.RunSpec, strategy: tf.distribute.Strategy | None = None) -> Job:
@@ -122,7 +129,7 @@ def assemble(spec: spec_lib.RunSpec, strategy: tf.distribute.Strategy | None = N
         reference = model.snapshot_reference()  # θ0: the weights as loaded
     block_lr = None
     if spec.freeze.lr_decay != 1.0:
-        num_blocks = len(backbones.block_map(model.backbone, spec.model.backbone))
+        num_blocks = len(model.block_map())
         block_lr = stages_lib.block_lr_multipliers(num_blocks, spec.freeze.lr_decay)
     return Job(spec, task, strategy, data, model, reference, block_lr, steps_per_epoch)
 

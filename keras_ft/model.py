@@ -79,6 +79,16 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
         self.ema = ema.WeightAverage(decay, self.tunable_variables())
         return self.ema
 
+    def block_map(self) -> list[tuple[str, list]]:
+        """The backbone's layers by block, stem to top, every layer once
+        (`keras_ft.backbones.block_map`; a text encoder's model overrides it)."""
+        return backbones.block_map(self.backbone, self.backbone_name)
+
+    def lora_layers(self, layers) -> list:
+        """The layers among `layers` (of one block) that LoRA adapts: the
+        Dense and Conv2D ones (Keras has no LoRA for depthwise convolutions)."""
+        return [layer for layer in layers if type(layer) in (keras.layers.Dense, keras.layers.Conv2D)]
+
     def backbone_inputs(self, x):
         """What the backbone sees for the model's input `x` (e.g. to run the
         backbone alone, as BatchNorm re-estimation does)."""
@@ -216,7 +226,7 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
     def _update_metrics(self, loss, x, y, y_pred, sample_weight):
         # Undo the per-replica scaling: the metric reports the batch mean.
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
-        batch = tf.shape(x)[0]
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]  # x may be a dict (text)
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=batch)

@@ -11,6 +11,9 @@ variable's block multiplier.
     WarmupCosine   linear warmup from 0 to η, then cosine decay to
                    `final_fraction`·η at `total_steps` (Loshchilov & Hutter,
                    2017, without restarts; warmup as in Goyal et al., 2017).
+    WarmupLinear   linear warmup from 0 to η, then linear decay to 0 at
+                   `total_steps`: BERT's schedule (Devlin et al., 2019: 10%
+                   warmup; the Hugging Face `linear` schedule).
     StepDecay      linear warmup, then η × `factor` at each of the
                    `boundaries` (fractions of the run): BiT-HyperRule's
                    schedule (Kolesnikov et al., 2020: /10 at 30, 60, 90%).
@@ -32,7 +35,7 @@ import keras
 from keras import ops
 
 # The choices of `schedule.name` (built by `create`).
-NAMES = ("constant", "cosine", "warmup_cosine", "step", "stlr")
+NAMES = ("constant", "cosine", "warmup_cosine", "warmup_linear", "step", "stlr")
 
 
 def _check_steps(total_steps: int, warmup_steps: int) -> None:
@@ -142,6 +145,39 @@ class WarmupCosine(_Schedule):
             "warmup_steps": self.warmup_steps,
             "final_fraction": self.final_fraction,
         }
+
+
+@keras.saving.register_keras_serializable(package="keras_ft")
+class WarmupLinear(_Schedule):
+    """Linear warmup to η, then a straight line down to 0 at `total_steps`.
+
+    η_t = η·t/w for t < w (w = warmup_steps), then η·(T − t)/(T − w) for
+    w ≤ t ≤ T, and 0 after T: BERT's fine-tuning schedule.
+
+    Args:
+        learning_rate: the peak η.
+        total_steps: T, the run's optimizer steps.
+        warmup_steps: w.
+    """
+
+    def __init__(self, learning_rate: float, total_steps: int, warmup_steps: int = 0):
+        _check_steps(total_steps, warmup_steps)
+        self.learning_rate = float(learning_rate)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+
+    def value(self, step):
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        remaining = ops.clip((self.total_steps - step) / decay_steps, 0.0, 1.0)
+        linear = self.learning_rate * remaining
+        if not self.warmup_steps:
+            return linear
+        warmup = _warmup(self.learning_rate, step, self.warmup_steps)
+        return ops.where(step < self.warmup_steps, warmup, linear)
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps}
 
 
 @keras.saving.register_keras_serializable(package="keras_ft")
@@ -256,6 +292,7 @@ def create(
     total_steps: int,
     *,
     warmup_steps: int = 0,
+    warmup_fraction: float = 0.0,
     decay_boundaries: Sequence[float] = (0.3, 0.6, 0.9),
     decay_factor: float = 0.1,
     stlr_cut_frac: float = 0.1,
@@ -271,7 +308,9 @@ def create(
             the optimizer's variables and checkpoints are the same before
             and after the suggestion is set).
         total_steps: the run's optimizer updates.
-        warmup_steps, ...: the other `schedule.*` keys.
+        warmup_steps, ...: the other `schedule.*` keys. `warmup_fraction`
+            (0 < f < 1) sets the warmup to round(f·total_steps) updates
+            (at least 1), in place of `warmup_steps`.
         as_schedule: a constant rate as a `Constant` object, not a float.
 
     A constant rate without warmup stays a float (Keras keeps it as an
@@ -284,19 +323,28 @@ def create(
         peak, as_schedule = 1.0, True
     if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < math.inf:
         raise ValueError(f"The learning rate must be a positive number, got {peak!r}.")
+    if warmup_fraction:
+        if warmup_steps:
+            raise ValueError("Set schedule.warmup_steps or schedule.warmup_fraction, not both.")
+        if not 0.0 < warmup_fraction < 1.0:
+            raise ValueError(f"schedule.warmup_fraction must be in (0, 1), got {warmup_fraction}.")
+        warmup_steps = max(1, round(warmup_fraction * total_steps))
     if warmup_steps and name in ("cosine", "stlr"):
         raise ValueError(
             f"schedule.warmup_steps={warmup_steps} does not apply to schedule {name!r}: "
-            "use 'warmup_cosine', 'constant' or 'step', or warmup_steps=0."
+            "use 'warmup_cosine', 'warmup_linear', 'constant' or 'step', or no warmup."
         )
     if name == "warmup_cosine" and not warmup_steps:
-        raise ValueError("schedule.name='warmup_cosine' needs schedule.warmup_steps > 0.")
+        raise ValueError("schedule.name='warmup_cosine' needs schedule.warmup_steps > 0 "
+                         "(or schedule.warmup_fraction).")
     peak = float(peak)
     if name == "constant":
         _check_steps(total_steps, warmup_steps)
         return Constant(peak, warmup_steps) if warmup_steps or as_schedule else peak
     if name in ("cosine", "warmup_cosine"):
         return WarmupCosine(peak, total_steps, warmup_steps)
+    if name == "warmup_linear":
+        return WarmupLinear(peak, total_steps, warmup_steps)
     if name == "step":
         return StepDecay(peak, total_steps, warmup_steps, decay_boundaries, decay_factor)
     return SlantedTriangular(peak, total_steps, stlr_cut_frac, stlr_ratio)

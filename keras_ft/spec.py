@@ -29,6 +29,8 @@ from keras_ft import backbones, checks, data as data_lib, distribute, freezing, 
 from keras_ft import stages as stages_lib, validate
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+OPTIMIZERS = ("sgd", "adamw")
+TEXT_TASKS = ("text_classification",)  # tasks whose model.backbone is a text encoder
 LR_SCALING = ("none", "linear")
 PROGRESS = ("auto", "bar", "log")
 EXPORT_WHICH = ("last", "best")
@@ -39,10 +41,11 @@ EXPORT_WHICH = ("last", "best")
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    backbone: str  # registry name (keras_ft.backbones)
-    weights: str | None  # "imagenet", a named offline source, a path; None = random
+    backbone: str  # registry name (keras_ft.backbones), or a text encoder (keras_ft.text_backbones)
+    weights: str | None  # "imagenet", a named offline source, a path, "pretrained"
+    #   (a text encoder's own); None = random
     weights_sha256: str | None
-    image_size: int  # resolved: the backbone's default when the config says 0
+    image_size: int  # resolved: the backbone's default when the config says 0 (0 for text)
     dropout: float
     fold_dead_channels: bool
 
@@ -70,6 +73,7 @@ class DataSpec:
     cache_images_mb: float
     class_weights: bool
     cache_features: bool
+    max_length: int  # text: tokens per example, [CLS] and [SEP] included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,7 @@ class LrFindSpec:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
+    name: str  # "sgd" or "adamw"
     learning_rate: float | str  # as configured: a number or "auto"
     rate: float | str  # the peak rate after `lr_scaling` ("auto" stays "auto")
     lr_scaling: str
@@ -109,6 +114,9 @@ class OptimizerSpec:
     l2sp: float
     lr_find: LrFindSpec
     ema_decay: float  # 0 = off
+    beta_1: float  # adamw
+    beta_2: float
+    epsilon: float
 
     @property
     def auto(self) -> bool:
@@ -120,6 +128,7 @@ class OptimizerSpec:
 class ScheduleSpec:
     name: str
     warmup_steps: int
+    warmup_fraction: float
     decay_boundaries: tuple[float, ...]
     decay_factor: float
     stlr_cut_frac: float
@@ -198,6 +207,7 @@ class RunSpec:
             self.optimizer.rate if peak is None else peak,
             total_updates,
             warmup_steps=self.schedule.warmup_steps,
+            warmup_fraction=self.schedule.warmup_fraction,
             decay_boundaries=self.schedule.decay_boundaries,
             decay_factor=self.schedule.decay_factor,
             stlr_cut_frac=self.schedule.stlr_cut_frac,
@@ -225,9 +235,13 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     task = checks.choice(c.task, "task", tasks.names())
     seed = checks.integer(c.seed, "seed", 0, 2**31 - 1)
 
-    backbone = backbones.get(c.model.backbone).name  # lists the valid names
+    text = task in TEXT_TASKS
     weights = c.model.weights
     weights = None if weights is None or str(weights).lower() == "none" else checks.text(weights, "model.weights")
+    if text:
+        backbone = _text_backbone(c.model.backbone, weights)
+    else:
+        backbone = _image_backbone(c.model.backbone, task)
     image_size = checks.integer(
         c.model.image_size, "model.image_size", 0, 4096, note=" (0 = the backbone's default)"
     )
@@ -235,12 +249,15 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         backbone=backbone,
         weights=weights,
         weights_sha256=checks.text(c.model.weights_sha256, "model.weights_sha256") or None,
-        image_size=image_size or backbones.get(backbone).default_size,  # checked with the batch
+        # checked with the batch
+        image_size=0 if text else image_size or backbones.get(backbone).default_size,
         dropout=checks.number(c.model.dropout, "model.dropout", 0, 1, open_high=True),
         fold_dead_channels=checks.boolean(c.model.fold_dead_channels, "model.fold_dead_channels"),
     )
 
     data = resolve_data(c.data)
+    if text:
+        _check_text_data(data, backbone)
 
     t = c.train
     jit = t.jit_compile
@@ -268,9 +285,10 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         ),
         progress=checks.choice(t.progress, "train.progress", PROGRESS),
     )
-    b = backbones.get(backbone)
-    checks.image_size(model.image_size, backbone, b.min_size, b.default_size,
-                      train.global_batch_size, workers=distribute.cluster_size())
+    if not text:
+        b = backbones.get(backbone)
+        checks.image_size(model.image_size, backbone, b.min_size, b.default_size,
+                          train.global_batch_size, workers=distribute.cluster_size())
 
     o = c.optimizer
     rate = o.learning_rate
@@ -294,6 +312,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
             f"({finder.start_lr:g})."
         )
     optimizer = OptimizerSpec(
+        name=checks.choice(o.name, "optimizer.name", OPTIMIZERS),
         learning_rate=rate,
         rate=rate if rate == "auto" or scaling == "none" else recipe.linear_scaled_rate(
             rate, train.global_batch_size * accumulation, base_batch),
@@ -308,6 +327,9 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         lr_find=finder,
         ema_decay=checks.number(o.ema_decay, "optimizer.ema_decay", 0, 1, open_high=True,
                                 note=" (e.g. 0.999; 0 = off)"),
+        beta_1=checks.number(o.beta_1, "optimizer.beta_1", 0, 1, open_high=True),
+        beta_2=checks.number(o.beta_2, "optimizer.beta_2", 0, 1, open_high=True),
+        epsilon=checks.number(o.epsilon, "optimizer.epsilon", 0, open_low=True),
     )
     if optimizer.auto and accumulation > 1:
         raise ValueError(
@@ -319,6 +341,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     schedule = ScheduleSpec(
         name=checks.choice(s.name, "schedule.name", schedules.NAMES),
         warmup_steps=checks.integer(s.warmup_steps, "schedule.warmup_steps", 0),
+        warmup_fraction=checks.number(s.warmup_fraction, "schedule.warmup_fraction", 0, 1,
+                                      open_high=True, note=" (0 = off)"),
         decay_boundaries=checks.increasing_fractions(s.decay_boundaries, "schedule.decay_boundaries"),
         decay_factor=checks.number(s.decay_factor, "schedule.decay_factor", 0, 1, open_low=True),
         stlr_cut_frac=checks.number(s.stlr_cut_frac, "schedule.stlr_cut_frac", 0, 1,
@@ -416,7 +440,55 @@ def resolve_data(d) -> DataSpec:
                                 note=" of megabytes (0 = off)"),
         class_weights=checks.boolean(d.class_weights, "data.class_weights"),
         cache_features=checks.boolean(d.cache_features, "data.cache_features"),
+        max_length=checks.integer(d.max_length, "data.max_length", 3, 8192,
+                                  note=" of tokens ([CLS] and [SEP] included)"),
     )
+
+
+def _image_backbone(name, task: str) -> str:
+    """`model.backbone` of an image task: a registry name."""
+    name = checks.text(name, "model.backbone")
+    if name not in backbones.names():
+        from keras_ft import text_backbones
+
+        if name == text_backbones.MINILM or name.startswith(text_backbones.PRESET_PREFIX):
+            raise ValueError(
+                f"model.backbone='{name}' is a text encoder; task '{task}' needs an image "
+                f"backbone ({', '.join(backbones.names())}), or set task='text_classification'."
+            )
+    return backbones.get(name).name  # lists the valid names
+
+
+def _text_backbone(name, weights: str | None) -> str:
+    """`model.backbone` of a text task, and its `model.weights`."""
+    from keras_ft import text_backbones
+
+    name = text_backbones.check(checks.text(name, "model.backbone"))
+    if weights not in (None, "pretrained"):
+        raise ValueError(
+            f"model.weights={weights!r} is for image backbones: a text encoder takes "
+            "'pretrained' (its preset's weights) or 'none' (random init, same shapes)."
+        )
+    return name
+
+
+def _check_text_data(data: DataSpec, backbone: str) -> None:
+    """What an image-only data option or a too-long `data.max_length` would
+    get wrong on a text task: errors before any work."""
+    from keras_ft import text_backbones
+
+    if data.cache_features:
+        raise ValueError("data.cache_features caches an image backbone's features; set it to "
+                         "False for text (a frozen encoder's pass is the cost of a step).")
+    if data.source.split(":", 1)[0] == "tfds":
+        raise ValueError(f"data.source={data.source!r}: text data come from folder:, csv:, "
+                         "tsv: or fortunes: sources (keras_ft.text_sources).")
+    limit = text_backbones.position_limit(backbone)
+    if limit is not None and data.max_length > limit:
+        raise ValueError(
+            f"data.max_length={data.max_length} is above the {limit} positions of "
+            f"model.backbone='{backbone}'; set data.max_length <= {limit}."
+        )
 
 
 def _logged_metric(value, logged: list[str]) -> str:

@@ -1,14 +1,17 @@
 """Fine-tuning tasks on the shared recipe (the interface: `tasks.base`).
 
     image_classification   single-label image classification (the first task)
+    text_classification    single-label text classification on a BERT-family
+                           encoder (KerasHub; the `text` extra)
 """
 
 from __future__ import annotations
 
 from keras_ft.tasks.base import Task, TaskData
 from keras_ft.tasks.image_classification import ImageClassification, ImageData
+from keras_ft.tasks.text_classification import TextClassification, TextData
 
-_TASKS = {ImageClassification.name: ImageClassification}
+_TASKS = {ImageClassification.name: ImageClassification, TextClassification.name: TextClassification}
 
 
 def names() -> tuple[str, ...]:
