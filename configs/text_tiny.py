@@ -1,31 +1,25 @@
-"""A tiny text run for tests and smoke checks: a 2-layer BERT of a local preset.
+"""A tiny text run for tests and smoke checks: the text quickstart's recipe,
+shrunk, on a 2-layer BERT of a local preset.
 
     python -m launch.train --config=configs/text_tiny.py --workdir=/tmp/text_tiny \\
         --config.model.backbone=preset:/path/to/preset --config.data.source=csv:/path/to/texts.csv
 
 The preset is any KerasHub BERT preset directory; the tests write a tiny one
-(2 layers, hidden 32, a few hundred WordPiece tokens). Runtime: well under a
+(2 layers, hidden 32, a few dozen WordPiece tokens). Runtime: well under a
 minute on 2 CPU cores. It checks mechanics, not accuracy.
 """
 
-from configs import base
+from configs import text_quickstart
 
 
 def get_config(arg=None):
-    config = base.get_config(arg)
-    config.task = "text_classification"
-    config.model.backbone = "minilm_l6"
-    config.model.weights = "pretrained"
-    config.model.dropout = 0.1
+    config = text_quickstart.get_config(arg)
     config.data.val_fraction = 0.25
     config.data.max_length = 16
     config.train.global_batch_size = 4
     config.train.epochs = 2
     config.train.steps_per_epoch = 3
-    config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 1e-3
-    config.optimizer.weight_decay = 0.01
-    config.schedule.name = "warmup_linear"
     config.schedule.warmup_fraction = 0.2
     config.freeze.stages = (
         dict(epochs=1, blocks=0),  # head only

@@ -147,6 +147,21 @@ def per_class(data: ImageSet, count: int, seed: int) -> ImageSet:
     return data.subset(np.sort(np.concatenate(keep)))
 
 
+def split_for_run(data, data_spec, seed: int):
+    """`(train, val)` of a run's examples (an `ImageSet`, or any set with
+    `labels`, `val_mask` and `subset`, e.g. `keras_ft.text_sources.TextSet`):
+    the source's own split if it has one, else `split` by
+    `data_spec.val_fraction` and `seed`; then `data_spec.train_per_class`
+    training examples of each class, if set (`per_class`)."""
+    if data.val_mask is None:
+        train_set, val_set = split(data, data_spec.val_fraction, seed)
+    else:
+        train_set, val_set = split_as_given(data)
+    if data_spec.train_per_class:
+        train_set = per_class(train_set, data_spec.train_per_class, seed)
+    return train_set, val_set
+
+
 def split_as_given(data: ImageSet) -> tuple[ImageSet, ImageSet]:
     """The source's own train/validation split (`data.val_mask`).
 

@@ -75,6 +75,11 @@ def _check(value: str, valid: Sequence[str], what: str) -> None:
         raise ValueError(f"Unknown {what} {value!r}. Choose one of: {', '.join(valid)}.")
 
 
+BN_ONLY_WITHOUT_BATCHNORM = (
+    "freeze.method='bn_only' trains BatchNorm layers, and this backbone has none (a "
+    "transformer normalises with LayerNorm): use 'bitfit' or 'lora'.")
+
+
 def _is_bn(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
@@ -133,6 +138,8 @@ def apply_stage(
     if block_lr is not None and len(block_lr) != len(blocks):
         raise ValueError(f"block_lr has {len(block_lr)} entries for {len(blocks)} blocks.")
     first = _first_trained(len(blocks), stage.blocks)
+    if method == "bn_only" and not any(_is_bn(layer) for _, layers in blocks for layer in layers):
+        raise ValueError(BN_ONLY_WITHOUT_BATCHNORM)
     tunable = {v.path for v in model.tunable_variables()}
     chosen, multipliers, lowest = [], {}, None
     for i, (block, layers) in enumerate(blocks):

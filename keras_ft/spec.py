@@ -364,6 +364,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         lora_rank=checks.integer(f.lora_rank, "freeze.lora_rank", 1),
         lr_decay=checks.number(f.lr_decay, "freeze.lr_decay", 0, 1, open_low=True),
     )
+    if text and freeze.method == "bn_only":
+        raise ValueError(freezing.BN_ONLY_WITHOUT_BATCHNORM)
     bad = [s.describe() for s in freeze.stages if s.steps and s.steps % accumulation]
     if bad:
         raise ValueError(

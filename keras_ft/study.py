@@ -96,7 +96,11 @@ def _first_head_only(stage_list) -> bool:
 
 def _with_cache(config, overrides: dict) -> dict:
     """Caches features for an arm whose first stage is head only, when the
-    config's augmentation allows it (flips only)."""
+    task and the config's augmentation allow it (flips only)."""
+    from keras_ft import tasks
+
+    if not tasks.get(config.task).caches_features:
+        return dict(overrides)
     a = config.data.augment
     plain = not (a.random_resized_crop or a.randaugment_ops or a.mixup or a.cutmix)
     method = overrides.get("freeze.method", config.freeze.method)
@@ -138,13 +142,18 @@ def plan(study: str, config, options: Options, rates=None, steps_per_epoch: int 
         ft = lambda scale: stages.lp_ft(probe, scale, e - probe)  # noqa: E731
         arms = [Arm("full", dict(full, **{"freeze.stages": ft(s)}),
                     f"all weights, lr x {s:g}", reference="full")]
-        for method, what in (("bitfit", "biases and BatchNorm beta"), ("bn_only", "BatchNorm gamma/beta")):
+        text = config.task == "text_classification"  # a BERT has no BatchNorm: no bn_only arm
+        methods = (("bitfit", "biases and LayerNorm beta" if text else "biases and BatchNorm beta"),)
+        methods += () if text else (("bn_only", "BatchNorm gamma/beta"),)
+        for method, what in methods:
             arms.append(Arm(method, {"freeze.method": method, "freeze.stages": ft(1.0)},
                             f"{what}, lr x 1", reference="full"))
         for rank in options.lora_ranks:
             arms.append(Arm(f"lora_r{rank}", {"freeze.method": "lora", "freeze.lora_rank": int(rank),
                                               "freeze.stages": ft(1.0)},
-                            f"LoRA rank {rank} on 1x1 convolutions and Dense, lr x 1", reference="full"))
+                            f"LoRA rank {rank} on "
+                            + ("attention query/value" if text else "1x1 convolutions and Dense")
+                            + ", lr x 1", reference="full"))
         return [dataclasses.replace(a, overrides=_with_cache(config, a.overrides)) for a in arms]
     if study == "lr":
         arms = []

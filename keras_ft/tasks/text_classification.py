@@ -34,12 +34,7 @@ def load_splits(data_spec, seed: int):
     every entry point must split them (the source's own split, else seeded
     and stratified; then `data.train_per_class`)."""
     dataset, report = text_sources.load_text_source(data_spec.source, data_spec.num_classes)
-    if dataset.val_mask is None:
-        train_set, val_set = data_lib.split(dataset, data_spec.val_fraction, seed)
-    else:
-        train_set, val_set = data_lib.split_as_given(dataset)
-    if data_spec.train_per_class:
-        train_set = data_lib.per_class(train_set, data_spec.train_per_class, seed)
+    train_set, val_set = data_lib.split_for_run(dataset, data_spec, seed)
     return dataset, train_set, val_set, report
 
 
