@@ -224,7 +224,7 @@ def find_learning_rate(
     """
     optimizer = optim.unwrap(getattr(model, "optimizer", None))
     if optimizer is None or not hasattr(optimizer, "lr_scale"):
-        raise ValueError("The range test needs a model compiled with keras_ft.optim.SGD.")
+        raise ValueError("The range test needs a model compiled with keras_ft.optim.SGD or AdamW.")
     if not optimizer.built:
         raise ValueError(
             "Build the optimizer first: compile a keras_ft.Classifier, or call "

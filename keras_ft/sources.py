@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+from typing import Sequence
 
 from absl import logging
 import numpy as np
@@ -99,11 +100,44 @@ def from_folder(path: str) -> ImageSet:
     """
     if not os.path.isdir(path):
         raise ValueError(f"Data folder {path!r} does not exist or is not a folder.")
-    folders = _sub_folders(path)
-    if "train" not in folders:
+    split = own_split_folders(path)
+    if split is None:
         files, labels, class_names = _read_classes(path)
         return ImageSet(files, np.asarray(labels, np.int32), class_names, root=path)
+    train_dir, val_dir = split
+    train_files, train_labels, class_names = _read_classes(train_dir)
+    val_files, val_labels, _ = _read_classes(val_dir)
+    return ImageSet(
+        train_files + val_files,
+        np.asarray(train_labels + val_labels, np.int32),
+        class_names,
+        val_mask=np.arange(len(train_files) + len(val_files)) >= len(train_files),
+        root=path,
+    )
 
+
+def own_split_folders(path: str) -> tuple[str, str] | None:
+    """The train/validation split a data folder gives itself, if it has one.
+
+    A folder of class sub-folders has one when it has a `train/` folder:
+    then it must also have exactly one of `VAL_FOLDERS`, with the same class
+    sub-folders. Its other sub-folders are ignored (and logged). Image and
+    text folders (`keras_ft.text_sources`) follow this one rule.
+
+    Args:
+        path: an existing folder.
+
+    Returns:
+        `(train_dir, val_dir)`, or None when `path` has no `train/` folder
+        (its sub-folders are then the classes).
+
+    Raises:
+        ValueError: there is no validation folder or both, or the two
+            folders' class sub-folders differ; the message names the folder.
+    """
+    folders = sub_folders(path)
+    if "train" not in folders:
+        return None
     val_names = [name for name in VAL_FOLDERS if name in folders]
     if len(val_names) != 1:
         problem = "no val/ or validation/ folder" if not val_names else "both val/ and validation/"
@@ -114,7 +148,7 @@ def from_folder(path: str) -> ImageSet:
             "(or, if 'train' is a class, rename its folder)."
         )
     train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, val_names[0])
-    train_classes, val_classes = _sub_folders(train_dir), _sub_folders(val_dir)
+    train_classes, val_classes = sub_folders(train_dir), sub_folders(val_dir)
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         where, other, names = (
@@ -131,18 +165,10 @@ def from_folder(path: str) -> ImageSet:
             "Data folder %s: train/ and %s/ are the split; ignoring %s.",
             path, val_names[0], ", ".join(f"{name}/" for name in ignored),
         )
-    train_files, train_labels, class_names = _read_classes(train_dir)
-    val_files, val_labels, _ = _read_classes(val_dir)
-    return ImageSet(
-        train_files + val_files,
-        np.asarray(train_labels + val_labels, np.int32),
-        class_names,
-        val_mask=np.arange(len(train_files) + len(val_files)) >= len(train_files),
-        root=path,
-    )
+    return train_dir, val_dir
 
 
-def _sub_folders(path: str) -> list[str]:
+def sub_folders(path: str) -> list[str]:
     """The sorted names of `path`'s sub-folders, hidden ones left out."""
     return sorted(
         name for name in os.listdir(path)
@@ -152,7 +178,7 @@ def _sub_folders(path: str) -> list[str]:
 
 def _read_classes(path: str) -> tuple[list[str], list[int], list[str]]:
     """`(files, labels, class_names)` of a folder of class sub-folders."""
-    class_names = _sub_folders(path)
+    class_names = sub_folders(path)
     if len(class_names) < 2:
         raise ValueError(
             f"Data folder {path!r} has {len(class_names)} class sub-folder(s); "
@@ -249,33 +275,10 @@ def from_csv(path: str, num_classes: int = 0) -> ImageSet:
             f"folder {base}."
         )
 
-    texts = [label for _, _, label in rows]
-    is_integer = [_INTEGER.fullmatch(t) is not None for t in texts]
-    if all(is_integer):
-        labels, class_names = _integer_labels(path, rows, num_classes)
-    elif any(is_integer):
-        i, j = is_integer.index(True), is_integer.index(False)
-        raise ValueError(
-            f"{path}: line {rows[i][0]} has the integer label {texts[i]!r} but "
-            f"line {rows[j][0]} the class name {texts[j]!r}; use class names "
-            "throughout or integers 0..K-1 throughout."
-        )
-    else:
-        class_names = sorted(set(texts))
-        if num_classes and num_classes != len(class_names):
-            raise ValueError(
-                f"{path}: data.num_classes={num_classes} but its labels name "
-                f"{len(class_names)} classes ({', '.join(class_names[:10])}); fix "
-                "the labels, or data.num_classes (0 = as many as the labels name)."
-            )
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = [index[t] for t in texts]
-    if len(class_names) < 2:
-        raise ValueError(
-            f"{path}: every row has the label {texts[0]!r}; a classifier needs "
-            "at least 2 classes."
-        )
-    return ImageSet(files, np.asarray(labels, np.int32), class_names)
+    labels, class_names = labels_from_column(
+        [label for _, _, label in rows], [line for line, _, _ in rows], path, num_classes
+    )
+    return ImageSet(files, labels, class_names)
 
 
 def _read_rows(path: str) -> tuple[list[str], list[tuple[int, str, str]]]:
@@ -327,10 +330,66 @@ def _read_rows(path: str) -> tuple[list[str], list[tuple[int, str, str]]]:
     return header, rows
 
 
-def _integer_labels(path: str, rows, num_classes: int) -> tuple[list[int], list[str]]:
-    labels = [int(label) for _, _, label in rows]
+def labels_from_column(
+    values: Sequence[str], lines: Sequence[int], path: str, num_classes: int = 0
+) -> tuple[np.ndarray, list[str]]:
+    """Labels and class names from the `label` column of a CSV-like file.
+
+    The values are integers 0..K-1 if every one is an integer (class names
+    "0".."K-1", K = `num_classes` or the largest label + 1, each class used
+    at least once), class names if none is (classes sorted by name); a mix
+    is an error, and so is a single class. Image CSVs (`from_csv`) and text
+    CSVs/TSVs (`keras_ft.text_sources`) share these rules.
+
+    Args:
+        values: the label of each row, stripped and not empty.
+        lines: the line number each row starts on, for messages.
+        path: the file, for messages.
+        num_classes: for integer labels, the number of classes (labels must
+            be below it); 0 = the largest label + 1. For class names, the
+            number of distinct names it must match; 0 = any.
+
+    Returns:
+        int32 labels `[N]` (indices into the class names), and the class
+        names in label order.
+
+    Raises:
+        ValueError: labels a classifier cannot train on; the message names
+            the file, the line where there is one, and the fix.
+    """
+    is_integer = [_INTEGER.fullmatch(v) is not None for v in values]
+    if all(is_integer):
+        labels, class_names = _integer_labels([int(v) for v in values], lines, path, num_classes)
+    elif any(is_integer):
+        i, j = is_integer.index(True), is_integer.index(False)
+        raise ValueError(
+            f"{path}: line {lines[i]} has the integer label {values[i]!r} but "
+            f"line {lines[j]} the class name {values[j]!r}; use class names "
+            "throughout or integers 0..K-1 throughout."
+        )
+    else:
+        class_names = sorted(set(values))
+        if num_classes and num_classes != len(class_names):
+            raise ValueError(
+                f"{path}: data.num_classes={num_classes} but its labels name "
+                f"{len(class_names)} classes ({', '.join(class_names[:10])}); fix "
+                "the labels, or data.num_classes (0 = as many as the labels name)."
+            )
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = [index[v] for v in values]
+    if len(class_names) < 2:
+        raise ValueError(
+            f"{path}: every row has the label {values[0]!r}; a classifier needs "
+            "at least 2 classes."
+        )
+    return np.asarray(labels, np.int32), class_names
+
+
+def _integer_labels(
+    labels: list[int], lines: Sequence[int], path: str, num_classes: int
+) -> tuple[list[int], list[str]]:
     count = num_classes or max(labels) + 1
-    for (line, _, _), label in zip(rows, labels):
+    for line, label in zip(lines, labels):
         if not 0 <= label < count:
             allowed = (
                 f"data.num_classes={num_classes} allows 0..{num_classes - 1}"
@@ -345,7 +404,7 @@ def _integer_labels(path: str, rows, num_classes: int) -> tuple[list[int], list[
         source = f"data.num_classes={num_classes}" if num_classes else "the largest label"
         raise ValueError(
             f"{path}: no row has label {unused[0]}, but {source} makes the classes "
-            f"0..{count - 1}; every class needs images: number the classes 0..K-1 "
+            f"0..{count - 1}; every class needs examples: number the classes 0..K-1 "
             + ("or fix data.num_classes." if num_classes else "without gaps.")
         )
     return labels, [str(i) for i in range(count)]

@@ -39,7 +39,6 @@ import json
 import os
 import time
 
-from absl import logging
 import numpy as np
 
 from keras_ft import limits, sources
@@ -225,38 +224,10 @@ def _read_folder(path: str) -> tuple[TextSet, int, int]:
     """
     if not os.path.isdir(path):
         raise ValueError(f"Data folder {path!r} does not exist or is not a folder.")
-    folders = sources._sub_folders(path)
-    if "train" not in folders:
+    split = sources.own_split_folders(path)
+    if split is None:
         return _read_classes(path, path)
-
-    # The checks of sources.from_folder, where they are not a function to call.
-    val_names = [name for name in sources.VAL_FOLDERS if name in folders]
-    if len(val_names) != 1:
-        problem = "no val/ or validation/ folder" if not val_names else "both val/ and validation/"
-        raise ValueError(
-            f"Data folder {path!r} has a train/ folder and {problem}: give it one "
-            "validation folder with the same class sub-folders, or point "
-            f"data.source at {os.path.join(path, 'train')} to split that by seed "
-            "(or, if 'train' is a class, rename its folder)."
-        )
-    train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, val_names[0])
-    train_classes, val_classes = sources._sub_folders(train_dir), sources._sub_folders(val_dir)
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        where, other, names = (
-            (train_dir, val_dir, only_train) if only_train
-            else (val_dir, train_dir, sorted(set(val_classes) - set(train_classes)))
-        )
-        raise ValueError(
-            f"Class folder {names[0]!r} is in {where} but not in {other}: the "
-            "training and validation folders need the same class sub-folders."
-        )
-    others = sorted(set(folders) - {"train", val_names[0]})
-    if others:
-        logging.info(
-            "Data folder %s: train/ and %s/ are the split; ignoring %s.",
-            path, val_names[0], ", ".join(f"{name}/" for name in others),
-        )
+    train_dir, val_dir = split
     train, train_scanned, train_ignored = _read_classes(train_dir, path)
     val, val_scanned, val_ignored = _read_classes(val_dir, path)
     texts = TextSet(
@@ -272,7 +243,7 @@ def _read_folder(path: str) -> tuple[TextSet, int, int]:
 def _read_classes(path: str, root: str) -> tuple[TextSet, int, int]:
     """The texts of a folder of class sub-folders, and the number of files
     scanned and of those ignored; links must stay inside `root`."""
-    class_names = sources._sub_folders(path)
+    class_names = sources.sub_folders(path)
     if len(class_names) < 2:
         raise ValueError(
             f"Data folder {path!r} has {len(class_names)} class sub-folder(s); put the "
@@ -337,7 +308,7 @@ def _read_csv(path: str, num_classes: int = 0, delimiter: str = ",") -> TextSet:
     The first line is the header; other columns are allowed and ignored;
     blank lines are skipped; a quoted field may hold newlines. Texts and
     labels are stripped of surrounding white space. Labels follow the rules
-    of image CSVs (`keras_ft.sources.from_csv`).
+    of image CSVs (`keras_ft.sources.labels_from_column`).
 
     Args:
         path: the file.
@@ -351,15 +322,12 @@ def _read_csv(path: str, num_classes: int = 0, delimiter: str = ",") -> TextSet:
     with open(path, "rb") as f:
         text = _decode(f.read(), path, lines=True)
     rows = _read_rows(path, text, delimiter)
-    labels, class_names = _labels(path, rows, num_classes)
-    if len(class_names) < 2:
-        raise ValueError(
-            f"{path}: every row has the label {rows[0][2]!r}; a classifier needs at least "
-            "2 classes."
-        )
+    labels, class_names = sources.labels_from_column(
+        [label for _, _, label in rows], [line for line, _, _ in rows], path, num_classes
+    )
     return TextSet(
         [t for _, t, _ in rows],
-        np.asarray(labels, np.int32),
+        labels,
         class_names,
         [f"{path}:line {line}" for line, _, _ in rows],
     )
@@ -410,34 +378,6 @@ def _read_rows(path: str, text: str, delimiter: str) -> list[tuple[int, str, str
     if not rows:
         raise ValueError(f"{path} has a header but no rows: add one {example} line per text.")
     return rows
-
-
-def _labels(path: str, rows, num_classes: int) -> tuple[list[int], list[str]]:
-    """Labels and class names of `rows`, by the rules of `sources.from_csv`.
-
-    Integer labels go through its `_integer_labels`; the name and mixed cases
-    are written out in `from_csv` itself, so they are repeated here.
-    """
-    given = [label for _, _, label in rows]
-    is_integer = [sources._INTEGER.fullmatch(t) is not None for t in given]
-    if all(is_integer):
-        return sources._integer_labels(path, rows, num_classes)
-    if any(is_integer):
-        i, j = is_integer.index(True), is_integer.index(False)
-        raise ValueError(
-            f"{path}: line {rows[i][0]} has the integer label {given[i]!r} but line "
-            f"{rows[j][0]} the class name {given[j]!r}; use class names throughout or "
-            "integers 0..K-1 throughout."
-        )
-    class_names = sorted(set(given))
-    if num_classes and num_classes != len(class_names):
-        raise ValueError(
-            f"{path}: data.num_classes={num_classes} but its labels name "
-            f"{len(class_names)} classes ({', '.join(class_names[:10])}); fix the labels, "
-            "or data.num_classes (0 = as many as the labels name)."
-        )
-    index = {name: i for i, name in enumerate(class_names)}
-    return [index[t] for t in given], class_names
 
 
 # ----------------------------------------------------------------- fortunes

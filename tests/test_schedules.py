@@ -33,6 +33,11 @@ def values(schedule, steps):
             schedules.WarmupCosine(2.0, total_steps=10, final_fraction=0.1),
             {0: 2.0, 5: 2.0 * (0.1 + 0.9 * 0.5), 10: 0.2, 11: 0.2},
         ),
+        # BERT: warmup over 10 steps, then a straight line to 0 at 100.
+        (
+            schedules.WarmupLinear(1.0, total_steps=100, warmup_steps=10),
+            {0: 0.0, 5: 0.5, 10: 1.0, 55: 0.5, 91: 0.1, 100: 0.0, 130: 0.0},
+        ),
         # BiT: /10 at 30, 60, 90% after 10 warmup steps.
         (
             schedules.StepDecay(0.003, total_steps=100, warmup_steps=10),
@@ -45,12 +50,21 @@ def values(schedule, steps):
              100: 0.01, 120: 0.01},
         ),
     ],
-    ids=["constant_warmup", "constant", "warmup_cosine", "cosine_floor", "step", "stlr"],
+    ids=["constant_warmup", "constant", "warmup_cosine", "cosine_floor", "warmup_linear", "step",
+         "stlr"],
 )
 def test_schedule_matches_closed_form(schedule, expected):
     np.testing.assert_allclose(
         values(schedule, expected), list(expected.values()), rtol=1e-5, atol=1e-9
     )
+
+
+def test_warmup_fraction_is_a_share_of_the_run():
+    schedule = schedules.create("warmup_linear", 2e-5, 200, warmup_fraction=0.1)
+    assert isinstance(schedule, schedules.WarmupLinear) and schedule.warmup_steps == 20
+    assert schedules.create("warmup_cosine", 1.0, 3, warmup_fraction=0.1).warmup_steps == 1
+    with pytest.raises(ValueError, match="warmup_steps or schedule.warmup_fraction, not both"):
+        schedules.create("warmup_linear", 1.0, 100, warmup_steps=5, warmup_fraction=0.1)
 
 
 def test_cosine_without_warmup_equals_keras_cosine_decay():

@@ -157,7 +157,7 @@ def test_csv_with_integer_labels(pictures, tmp_path):
     assert images.class_names == ["0", "1"] and images.labels.tolist() == [1, 0, 1, 0]
     assert sources.from_csv(path, num_classes=2).class_names == ["0", "1"]
     with pytest.raises(ValueError, match=rf"{path}: no row has label 2, but data.num_classes=3 makes the "
-                       r"classes 0..2; every class needs images"):
+                       r"classes 0..2; every class needs examples"):
         sources.from_csv(path, num_classes=3)
     with pytest.raises(ValueError, match=rf"{path} line 2: label 1 is out of range \(data.num_classes=1 "
                        r"allows 0..0\); fix the label or data.num_classes"):
