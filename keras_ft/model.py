@@ -391,6 +391,30 @@ def build_classifier(
         fold_dead_channels: give pretrained BatchNorm channels with zero
             variance the variance 1 (`keras_ft.weights.fold_dead_channels`).
     """
+    net, preprocessing = load_backbone(backbone, image_size, weights, weights_sha256,
+                                       fold_dead_channels)
+    return Classifier(
+        net,
+        num_classes,
+        preprocessing=preprocessing,
+        dropout=dropout,
+        backbone_name=backbone,
+        class_names=class_names,
+    )
+
+
+def load_backbone(
+    backbone: str,
+    image_size: int | None = None,
+    weights=None,
+    weights_sha256: str | None = None,
+    fold_dead_channels: bool = True,
+) -> tuple[keras.Model, str]:
+    """A registry backbone with the given weights, and the `Preprocess` mode
+    they expect: what every image task's model is built on.
+
+    Args: as `build_classifier`'s.
+    """
     spec = backbones.get(backbone)
     image_size = image_size or spec.default_size
     if weights == "imagenet":
@@ -411,11 +435,4 @@ def build_classifier(
                 "that fine-tuning does not amplify them (model.fold_dead_channels).",
                 channels, layers,
             )
-    return Classifier(
-        net,
-        num_classes,
-        preprocessing=preprocessing,
-        dropout=dropout,
-        backbone_name=backbone,
-        class_names=class_names,
-    )
+    return net, preprocessing

@@ -256,8 +256,21 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     )
 
     data = resolve_data(c.data)
+    if data.cache_features and not tasks.get(task).caches_features:
+        raise ValueError(
+            f"data.cache_features caches an image backbone's features for a classifier's head; "
+            f"task '{task}' has none to cache: set data.cache_features=False.")
     if text:
         _check_text_data(data, backbone)
+    if task == "semantic_segmentation":
+        a = data.augment
+        extra = [name for name, on in (("random_resized_crop", a.random_resized_crop),
+                                       ("randaugment_ops", a.randaugment_ops), ("mixup", a.mixup),
+                                       ("cutmix", a.cutmix)) if on]
+        if extra:
+            raise ValueError(
+                f"data.augment.{extra[0]} is not applied to masks: segmentation augments with "
+                "the joint left-right flip only (data.augment.flip); turn it off.")
 
     t = c.train
     jit = t.jit_compile
@@ -479,9 +492,6 @@ def _check_text_data(data: DataSpec, backbone: str) -> None:
     get wrong on a text task: errors before any work."""
     from keras_ft import text_backbones
 
-    if data.cache_features:
-        raise ValueError("data.cache_features caches an image backbone's features; set it to "
-                         "False for text (a frozen encoder's pass is the cost of a step).")
     if data.source.split(":", 1)[0] == "tfds":
         raise ValueError(f"data.source={data.source!r}: text data come from folder:, csv:, "
                          "tsv: or fortunes: sources (keras_ft.text_sources).")

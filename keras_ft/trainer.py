@@ -303,6 +303,8 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         "best": best.state()["best"] if best is not None else None,
         "early_stopped": bool(best is not None and best.stop),
     }
+    # The task's other metrics (e.g. segmentation's pixel accuracy).
+    metrics.update({f"val_{k}": float(v) for k, v in results.items() if k not in (main, "loss")})
     if schedule.info is not None:
         metrics["trainable_params"] = schedule.info.trainable_params
         metrics["trainable_fraction"] = schedule.info.fraction
@@ -320,6 +322,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
             model, os.path.join(out, workdir_lib.EXPORT), data.class_names, spec
         )
         logging.info("Exported SavedModel to %s.", path)
+    job.task.after_training(model, data, out)
     workdir_lib.write_json(os.path.join(out, workdir_lib.METRICS_FILE), metrics)
     logging.info("Final metrics: %s", json.dumps(metrics))
     return Result(metrics, model, list(history), workdir, path, spec)

@@ -33,6 +33,12 @@ line every LOG_EVERY_S seconds, none for a short run. The last log line is
 the summary: `Classified N of M files in T s (R images/s); K skipped.`,
 where R counts the model-and-decode loop, not the SavedModel's load.
 
+A segmentation export (`loaded.task[0]` is "semantic_segmentation") writes
+masks instead, into `--masks=DIR`: `DIR/STEM.png`, the class index of each
+pixel at the image's own size (8-bit PNG), and `DIR/STEM_overlay.png`, the
+image with each class in its PASCAL VOC palette colour at half opacity
+(background left as it is); the summary line counts the images written.
+
 It needs TensorFlow only (`tf.saved_model.load`), not keras_ft: what it
 does, any client of the export can do.
 
@@ -76,6 +82,8 @@ _OUTPUT = flags.DEFINE_string(
     "output", None, "File to write (.csv, .json or .txt); default: rows on stdout.")
 _FORMAT = flags.DEFINE_string(
     "format", None, "csv, json or text; default: from --output's extension, else text.")
+_MASKS = flags.DEFINE_string(
+    "masks", None, "Segmentation exports: the folder to write mask and overlay PNGs to.")
 _PROGRESS = flags.DEFINE_string(
     "progress", "auto", "bar, log, or auto: a bar when stderr is a terminal, else log lines.")
 flags.mark_flags_as_required(["export"])
@@ -109,9 +117,12 @@ def main(argv):
     try:
         classified, skipped, seconds = predict(
             files, export_dir, output.file if output else sys.stdout, fmt,
-            top_k=_TOP_K.value, batch_size=_BATCH_SIZE.value, progress_mode=mode)
+            top_k=_TOP_K.value, batch_size=_BATCH_SIZE.value, progress_mode=mode,
+            masks_dir=_MASKS.value)
         if output:
             output.commit()
+    except ValueError as e:  # a segmentation export without --masks
+        return cli.fail(e)
     finally:
         if output:
             output.discard()  # nothing left behind unless committed
@@ -123,7 +134,7 @@ def main(argv):
 
 
 def predict(files, export_dir: str, stream, fmt: str, top_k: int, batch_size: int,
-            progress_mode: str):
+            progress_mode: str, masks_dir: str | None = None):
     """Classifies `files` batch by batch, writing `fmt` rows of their `top_k`
     classes to `stream`.
 
@@ -134,6 +145,8 @@ def predict(files, export_dir: str, stream, fmt: str, top_k: int, batch_size: in
     tf = cli.import_tensorflow()
 
     served = tf.saved_model.load(export_dir)
+    if hasattr(served, "task") and served.task[0].numpy() == b"semantic_segmentation":
+        return segment(files, served, masks_dir, Progress(progress_mode, len(files)))
     classify = served.signatures["serving_default"]
     num_classes = classify.structured_outputs["probabilities"].shape[-1]
     # Exports from before the class names were stored name only the top class.
@@ -158,6 +171,62 @@ def predict(files, export_dir: str, stream, fmt: str, top_k: int, batch_size: in
     seconds = progress.elapsed()
     rows.finish(skipped, rows.count / max(seconds, 1e-9))
     return rows.count, skipped, seconds
+
+
+def voc_palette(num_classes: int):
+    """The PASCAL VOC colour of each class index (0 black, 1 dark red, ...)."""
+    import numpy as np
+
+    palette = np.zeros((num_classes, 3), np.uint8)
+    for index in range(num_classes):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                palette[index, channel] |= ((value >> channel) & 1) << shift
+            value, shift = value >> 3, shift - 1
+    return palette
+
+
+def segment(files, served, masks_dir: str | None, progress):
+    """Writes each file's mask and overlay PNGs into `masks_dir` (see the
+    module docstring); returns `(files written, skipped, seconds)`."""
+    import numpy as np
+
+    tf = cli.import_tensorflow()
+    if not masks_dir:
+        raise ValueError("this is a segmentation export: give --masks=DIR, the folder to write "
+                         "the mask and overlay PNGs to.")
+    os.makedirs(masks_dir, exist_ok=True)
+    palette = voc_palette(int(served.class_names[0].shape[0]))
+    segment_one = served.signatures["serving_default"]
+    skipped, written = [], 0
+
+    def skip(path, reason):
+        progress.clear()
+        cli.fail(f"skipped {path}: {reason}.")
+        skipped.append({"path": path, "reason": reason})
+
+    for done, chunk, unreadable in read_batches(files, 1):
+        for path, reason in unreadable:
+            skip(path, reason)
+        for path, blob in chunk:
+            try:
+                out = segment_one(image=tf.constant(blob))
+                image = tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                skip(path, f"not a decodable image ({e.message.splitlines()[0]})")
+                continue
+            classes = out["classes"].numpy()
+            stem = os.path.join(masks_dir, os.path.splitext(os.path.basename(path))[0])
+            shown = classes[..., None] > 0
+            blend = np.where(shown, 0.5 * image + 0.5 * palette[classes], image).astype(np.uint8)
+            for name, picture in ((f"{stem}.png", classes[..., None]), (f"{stem}_overlay.png", blend)):
+                tmp = name + ".tmp"
+                tf.io.write_file(tmp, tf.io.encode_png(picture))
+                os.replace(tmp, name)
+            written += 1
+        progress.update(done, written)
+    return written, skipped, progress.elapsed()
 
 
 # ------------------------------------------------------------------ inputs

@@ -3,15 +3,22 @@
     image_classification   single-label image classification (the first task)
     text_classification    single-label text classification on a BERT-family
                            encoder (KerasHub; the `text` extra)
+    semantic_segmentation  a class per pixel: a DeepLabV3+ decoder on the
+                           image backbones
 """
 
 from __future__ import annotations
 
 from keras_ft.tasks.base import Task, TaskData
 from keras_ft.tasks.image_classification import ImageClassification, ImageData
+from keras_ft.tasks.semantic_segmentation import SegData, SemanticSegmentation
 from keras_ft.tasks.text_classification import TextClassification, TextData
 
-_TASKS = {ImageClassification.name: ImageClassification, TextClassification.name: TextClassification}
+_TASKS = {
+    ImageClassification.name: ImageClassification,
+    TextClassification.name: TextClassification,
+    SemanticSegmentation.name: SemanticSegmentation,
+}
 
 
 def names() -> tuple[str, ...]:

@@ -118,3 +118,8 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def export(self, model, path: str, class_names: list[str], spec: "RunSpec") -> str:
         """Writes the SavedModel that serves raw inputs to `path`, atomically."""
+
+    def after_training(self, model, data: TaskData, out: str) -> None:
+        """Called once a run has been evaluated and exported, with the weights
+        it evaluated: a task's own report into the workdir `out` (e.g.
+        segmentation's per-class IoU). Nothing by default."""
