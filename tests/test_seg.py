@@ -216,6 +216,25 @@ def test_kill_9_resumes_bitwise_and_the_export_serves_any_size(pairs, tmp_path):
         np.testing.assert_allclose(batch["probabilities"].numpy()[0], want_p, atol=1e-4)
     assert np.ptp(want_p, axis=(0, 1)).max() > 0.01  # the pixels matter
 
+    # launch.predict writes each image's mask (at its size) and an overlay.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, shape in (("a.png", (40, 52, 3)), ("b.png", (64, 64, 3))):
+        Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8)).save(photos / name)
+    masks = tmp_path / "masks"
+    cmd = [sys.executable, "-m", "launch.predict", f"--export={reference / 'export'}", str(photos)]
+    done = subprocess.run(cmd + [f"--masks={masks}"], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(masks)) == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+    written = np.array(Image.open(masks / "a.png"))
+    want = served.signatures["serving_default"](image=tf.constant((photos / "a.png").read_bytes()))
+    np.testing.assert_array_equal(written, want["classes"].numpy())
+    assert np.array(Image.open(masks / "a_overlay.png")).shape == (40, 52, 3)
+    refused = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "give --masks=DIR" in refused.stderr
+
 
 @pytest.mark.parametrize("overrides, message", [
     ({"data.augment.mixup": 0.2}, "data.augment.mixup is not applied to masks"),
