@@ -25,7 +25,6 @@ BatchNorm: its statistics would be those of batches of a few images.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import keras
@@ -39,28 +38,33 @@ def stride_layer(backbone: keras.Model, stride: int) -> str:
     """The name of the last layer of `backbone` whose output is `stride`
     times smaller than its input (the end of that stage).
 
+    Padding decides whether a stage's side is the ceiling or the floor of
+    side/stride, or a pixel or two less ("valid" convolutions: Xception,
+    InceptionV3): the feature map taken is the one whose side is nearest
+    to side/stride, within 10% of it or 1.5 px.
+
     Raises:
         ValueError: no layer at that stride (the backbone or image size
             cannot give it), naming the sizes it has.
     """
     side = int(backbone.input_shape[1])
-    want = math.ceil(side / stride)
-    found, sizes = None, []
+    want = side / stride
+    layers = []
     for layer in backbone.layers:
         shape = getattr(layer, "output", None)
         shape = None if shape is None or isinstance(shape, (list, tuple)) else shape.shape
-        if shape is None or len(shape) != 4:
-            continue
-        sizes.append(int(shape[1]))
-        if int(shape[1]) == want:
-            found = layer.name
-    if found is None:
+        if shape is not None and len(shape) == 4:
+            layers.append((layer.name, int(shape[1])))
+    sizes = sorted({size for _, size in layers}, reverse=True)
+    near = [s for s in sizes if abs(s - want) <= max(1.5, 0.1 * want)]
+    if not near:
         raise ValueError(
             f"Backbone '{backbone.name}' at image_size={side} has no feature map at stride "
-            f"{stride} ({want} px); its feature sizes are {sorted(set(sizes), reverse=True)}. "
+            f"{stride} (about {want:.0f} px); its feature sizes are {sizes}. "
             "Use another backbone or a larger model.image_size."
         )
-    return found
+    best = min(near, key=lambda s: abs(s - want))
+    return [name for name, size in layers if size == best][-1]
 
 
 def _conv(filters: int, kernel: int, name: str, dilation: int = 1, separable: bool = False):

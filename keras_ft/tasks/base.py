@@ -80,6 +80,46 @@ class TaskData(abc.ABC):
         """Per-class loss weights for `fit(class_weight=...)`, or None."""
         return None
 
+    def _keep(self, spec, dataset, train_set, val_set, scan_report) -> None:
+        """Sets what every task's data holds, from a reader's split: the
+        attributes above, the run's spec and its global batch size."""
+        self.dataset, self.train_set, self.val_set = dataset, train_set, val_set
+        self.scan_report = scan_report
+        self.class_names = list(dataset.class_names)
+        self.train_size, self.val_size = len(train_set), len(val_set)
+        self.own_split = dataset.val_mask is not None
+        self._spec = spec
+        self._batch = spec.train.global_batch_size
+
+    def _majority_share(self) -> float:
+        """The validation accuracy of always predicting the most frequent
+        validation class (single-label tasks' `chance_level`)."""
+        import numpy as np
+
+        counts = np.bincount(self.val_set.labels, minlength=len(self.class_names))
+        return float(counts.max() / max(counts.sum(), 1))
+
+    def _label_class_weights(self) -> dict[int, float] | None:
+        """`data.class_weights` for single-label tasks: N / (classes x
+        examples of the class) per class (`keras_ft.validate.class_weights`),
+        logged; None when it is off."""
+        if not self._spec.data.class_weights:
+            return None
+        from absl import logging
+
+        from keras_ft import validate
+
+        weights = validate.class_weights(self.train_set.labels, len(self.class_names))
+        logging.info("Class weights (inverse frequency): %s.", ", ".join(
+            f"{self.class_names[c]} {w:.3g}" for c, w in weights.items()))
+        return weights
+
+    def _split_description(self) -> str:
+        """How the validation split was made, for `describe`."""
+        if self.own_split:
+            return "the source's own split"
+        return f"val_fraction {self._spec.data.val_fraction}, seed {self._spec.seed}"
+
     def chance_level(self) -> float | None:
         """The best validation main metric a model that ignores its input
         can score (e.g. always predicting the most frequent class), or None

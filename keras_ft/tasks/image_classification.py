@@ -15,9 +15,7 @@ of MixUp/CutMix. Main metric: accuracy. Export: the SavedModel of
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from keras_ft import augment, data as data_lib, export, features, model as model_lib
 from keras_ft import sources, spec as spec_lib, validate
@@ -70,14 +68,8 @@ class ImageData(base.TaskData):
     """
 
     def __init__(self, spec, dataset, train_set, val_set, scan_report):
-        self.dataset, self.train_set, self.val_set = dataset, train_set, val_set
-        self.scan_report = scan_report
-        self.class_names = list(dataset.class_names)
-        self.train_size, self.val_size = len(train_set), len(val_set)
-        self.own_split = dataset.val_mask is not None
-        self._spec = spec
+        self._keep(spec, dataset, train_set, val_set, scan_report)
         self._image_size = spec.model.image_size
-        self._batch = spec.train.global_batch_size
         self._sized = data_lib.SizedCache(
             self._image_size, spec.data.resize, spec.data.cache_images_mb
         )
@@ -85,11 +77,9 @@ class ImageData(base.TaskData):
 
     def describe(self) -> list[str]:
         d = self._spec.data
-        split = ("the source's own split" if self.own_split
-                 else f"val_fraction {d.val_fraction}, seed {self._spec.seed}")
         return [
             f"Data {d.source}: {self.train_size} train / {self.val_size} validation images "
-            f"({split}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
+            f"({self._split_description()}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
             f"Images: {d.resize} to {self._image_size} px; augmentation: {d.augment.describe()}.",
         ]
 
@@ -134,9 +124,7 @@ class ImageData(base.TaskData):
         )
 
     def chance_level(self) -> float:
-        # Always predicting the most frequent validation class.
-        counts = np.bincount(self.val_set.labels, minlength=len(self.class_names))
-        return float(counts.max() / max(counts.sum(), 1))
+        return self._majority_share()
 
     def statistics_stream(self) -> tf.data.Dataset:
         # The training stream's first pass (a seeded permutation), not augmented.
@@ -148,12 +136,7 @@ class ImageData(base.TaskData):
         ).take(max(len(self.train_set) // self._batch, 1))
 
     def class_weight(self) -> dict[int, float] | None:
-        if not self._spec.data.class_weights:
-            return None
-        weights = validate.class_weights(self.train_set.labels, len(self.class_names))
-        logging.info("Class weights (inverse frequency): %s.", ", ".join(
-            f"{self.class_names[c]} {w:.3g}" for c, w in weights.items()))
-        return weights
+        return self._label_class_weights()
 
 
 @keras.saving.register_keras_serializable(package="keras_ft")

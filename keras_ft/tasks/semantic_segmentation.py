@@ -57,24 +57,17 @@ class SegData(base.TaskData):
     """The pairs of a run, split, with their streams."""
 
     def __init__(self, spec, dataset, train_set, val_set, scan_report):
-        self.dataset, self.train_set, self.val_set = dataset, train_set, val_set
-        self.scan_report = scan_report
-        self.class_names = list(dataset.class_names)
-        self.train_size, self.val_size = len(train_set), len(val_set)
-        self.own_split = dataset.val_mask is not None
-        self._spec = spec
-        self._size, self._batch = spec.model.image_size, spec.train.global_batch_size
+        self._keep(spec, dataset, train_set, val_set, scan_report)
+        self._size = spec.model.image_size
         # Every pair decoded and sized once, kept in memory (N x S x S x 13 bytes).
         self._sized = {split: seg_data.size_seg_all(pairs, self._size)
                        for split, pairs in (("train", train_set), ("val", val_set))}
 
     def describe(self) -> list[str]:
         d = self._spec.data
-        split = ("the source's own split" if self.own_split
-                 else f"val_fraction {d.val_fraction}, seed {self._spec.seed}")
         return [
             f"Data {d.source}: {self.train_size} train / {self.val_size} validation image/mask "
-            f"pairs ({split}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
+            f"pairs ({self._split_description()}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
             f"Images resized to {self._size} px (bilinear), masks by nearest neighbour; "
             f"augmentation: {'joint left-right flip' if d.augment.flip else 'none'}; "
             f"label {seg_data.IGNORE_LABEL} is ignored.",

@@ -21,9 +21,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
-
-from keras_ft import data as data_lib, text_backbones, text_model, text_sources, validate
+from keras_ft import data as data_lib, text_backbones, text_model, text_sources
 from keras_ft.tasks import base, image_classification
 
 _TOKENIZE_BATCH = 512  # texts tokenized per call, up front
@@ -63,13 +61,7 @@ class TextData(base.TaskData):
     """
 
     def __init__(self, spec, dataset, train_set, val_set, scan_report, tokenizer):
-        self.dataset, self.train_set, self.val_set = dataset, train_set, val_set
-        self.scan_report = scan_report
-        self.class_names = list(dataset.class_names)
-        self.train_size, self.val_size = len(train_set), len(val_set)
-        self.own_split = dataset.val_mask is not None
-        self._spec = spec
-        self._batch = spec.train.global_batch_size
+        self._keep(spec, dataset, train_set, val_set, scan_report)
         preprocess = text_model.preprocessor(tokenizer, spec.data.max_length)
         self._inputs = {"train": tokenize(preprocess, train_set.texts),
                         "val": tokenize(preprocess, val_set.texts)}
@@ -84,12 +76,10 @@ class TextData(base.TaskData):
 
     def describe(self) -> list[str]:
         d = self._spec.data
-        split = ("the source's own split" if self.own_split
-                 else f"val_fraction {d.val_fraction}, seed {self._spec.seed}")
         s = self.length_stats()
         return [
             f"Data {d.source}: {self.train_size} train / {self.val_size} validation texts "
-            f"({split}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
+            f"({self._split_description()}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
             f"Tokens per training text ([CLS] and [SEP] included): median {s['median']:.0f}, "
             f"95th percentile {s['p95']:.0f}, longest {s['max']}; data.max_length="
             f"{d.max_length} truncates {100 * s['truncated']:.1f}% of them.",
@@ -125,16 +115,10 @@ class TextData(base.TaskData):
         return self.train_stream().take(max(self.train_size // self._batch, 1))
 
     def chance_level(self) -> float:
-        counts = np.bincount(self.val_set.labels, minlength=len(self.class_names))
-        return float(counts.max() / max(counts.sum(), 1))
+        return self._majority_share()
 
     def class_weight(self) -> dict[int, float] | None:
-        if not self._spec.data.class_weights:
-            return None
-        weights = validate.class_weights(self.train_set.labels, len(self.class_names))
-        logging.info("Class weights (inverse frequency): %s.", ", ".join(
-            f"{self.class_names[c]} {w:.3g}" for c, w in weights.items()))
-        return weights
+        return self._label_class_weights()
 
 
 class TextClassification(base.Task):
