@@ -323,6 +323,8 @@ def create(
         peak, as_schedule = 1.0, True
     if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not 0 < peak < math.inf:
         raise ValueError(f"The learning rate must be a positive number, got {peak!r}.")
+    given = (f"schedule.warmup_fraction={warmup_fraction:g}" if warmup_fraction
+             else f"schedule.warmup_steps={warmup_steps}")
     if warmup_fraction:
         if warmup_steps:
             raise ValueError("Set schedule.warmup_steps or schedule.warmup_fraction, not both.")
@@ -331,7 +333,7 @@ def create(
         warmup_steps = max(1, round(warmup_fraction * total_steps))
     if warmup_steps and name in ("cosine", "stlr"):
         raise ValueError(
-            f"schedule.warmup_steps={warmup_steps} does not apply to schedule {name!r}: "
+            f"{given} does not apply to schedule {name!r}: "
             "use 'warmup_cosine', 'warmup_linear', 'constant' or 'step', or no warmup."
         )
     if name == "warmup_cosine" and not warmup_steps:
