@@ -137,7 +137,12 @@ def tiny_config(overrides: dict | None = None):
     `--config.section.key=value` set them."""
     from configs import tiny
 
-    config = tiny.get_config()
+    return overridden(tiny.get_config(), overrides)
+
+
+def overridden(config, overrides: dict | None):
+    """`config` with `{"section.key": value}` overrides set in place, as the
+    flags `--config.section.key=value` set them (an unknown key fails)."""
     for key, value in (overrides or {}).items():
         *parents, leaf = key.split(".")
         node = config

@@ -18,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO, run_train, train_env
-from runs import train_error
+from runs import overridden, train_error
 
 CONFIG = "configs/seg_tiny.py"
 CLASSES = ["background", "red", "blue"]
@@ -59,14 +59,7 @@ def seg_config(pairs, overrides=None):
     config = seg_tiny.get_config()
     config.data.source = f"folder:{pairs}"
     config.model.dropout = 0.0
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        assert leaf in node, key
-        node[leaf] = value
-    return config
+    return overridden(config, overrides)
 
 
 # One backbone per family, at a size every one of them takes.
