@@ -106,6 +106,13 @@ def get_config(arg=None):
     #   12 bytes; not with random_resized_crop, which crops the originals), so
     #   later passes skip reading and decoding; 0 = decode at every pass.
     #   At most 1900 (tf.data holds them as one constant, under 2 GB)
+    config.data.pipeline = "auto"  # how training images are fed (docs/data.md):
+    #   "memory": every worker runs the whole stream and keeps its share,
+    #   images decoded once and kept when they fit data.cache_images_mb;
+    #   "stream": each worker reads and decodes only its share of every batch,
+    #   by index, nothing kept (data too large to keep, many workers);
+    #   "auto": "memory" when the decoded training images fit
+    #   data.cache_images_mb, else "stream". Both give the same batches
     config.data.class_weights = False  # True: weight each training image's loss by
     #   N / (classes x images of its class), for imbalanced data (the mean
     #   weight stays 1; per-class counts are always in the log)

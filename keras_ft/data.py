@@ -24,9 +24,39 @@ from absl import logging
 from keras_ft import augment as augment_lib, limits
 
 # The kinds of `ImageSet.images`.
-FILES, ARRAYS, ENCODED = "files", "arrays", "encoded"
+FILES, ARRAYS, ENCODED, RECORDS = "files", "arrays", "encoded", "records"
 RESIZE_POLICIES = ("resize", "center_crop", "resize_then_crop", "pad")
+# How training images are fed (`data.pipeline`): every worker runs the whole
+# stream and keeps its share ("memory", images kept decoded when they fit),
+# or each reads only its share, by index ("stream"); "auto" picks by size.
+PIPELINES = ("auto", "memory", "stream")
 CROP_FRACTION = 0.875  # "resize_then_crop": the crop's share of the short side
+
+
+class RecordImages:
+    """Encoded images read one by one, by index, from a random-access store
+    (`keras_ft.records`: ArrayRecord shards written by `launch.pack`, or a
+    TFDS dataset prepared as ArrayRecord): nothing is held in memory but the
+    indices.
+
+    Args:
+        store: has `read(i) -> bytes` (the encoded image `i`; safe to call
+            from several threads), `describe() -> str` and `name(i) -> str`.
+        index: int64 `[N]`: the store's records this set holds, in order.
+    """
+
+    def __init__(self, store, index: np.ndarray):
+        self.store, self.index = store, np.asarray(index, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: np.ndarray) -> "RecordImages":
+        return RecordImages(self.store, self.index[np.asarray(index, np.int64)])
+
+    def read(self, i) -> bytes:
+        """The encoded bytes of this set's image `i` (a position in `index`)."""
+        return self.store.read(int(self.index[int(i)]))
 
 
 @dataclasses.dataclass
@@ -34,11 +64,13 @@ class ImageSet:
     """Images with integer labels and the names of their classes.
 
     Attributes:
-        images: one of three kinds (`kind`): a list of image file paths
+        images: one of four kinds (`kind`): a list of image file paths
             ("files", read and decoded by `make_dataset`); a uint8 array
-            `[N, H, W, 3]` ("arrays", decoded images of one size); or an
+            `[N, H, W, 3]` ("arrays", decoded images of one size); an
             object array of N `bytes` ("encoded": JPEG/PNG/BMP/GIF files
-            held in memory, any size, as TFDS stores them).
+            held in memory, any size, as TFDS stores them); or
+            `RecordImages` ("records": encoded images read by index from
+            ArrayRecord files when needed).
         labels: int32 `[N]`, indices into `class_names`.
         class_names: the classes, in label order.
         val_mask: bool `[N]`: the source's own train/validation split (True =
@@ -63,13 +95,15 @@ class ImageSet:
     @property
     def kind(self) -> str:
         """`FILES`, `ARRAYS` or `ENCODED`: what `images` holds."""
+        if isinstance(self.images, RecordImages):
+            return RECORDS
         if not isinstance(self.images, np.ndarray):
             return FILES
         return ENCODED if self.images.dtype == object else ARRAYS
 
     def subset(self, index: np.ndarray) -> "ImageSet":
         index = np.asarray(index, np.int64)
-        if isinstance(self.images, np.ndarray):
+        if isinstance(self.images, (np.ndarray, RecordImages)):
             images = self.images[index]
         else:
             images = [self.images[i] for i in index]
@@ -335,16 +369,70 @@ class SizedCache:
         return self._arrays[name]
 
 
-def training_order(n: int, batch_size: int, seed: int, skip_batches: int = 0) -> tf.data.Dataset:
+def choose_pipeline(
+    setting: str, train: ImageSet, image_size: int, budget_mb: float, mixes: bool = False
+) -> tuple[str, str]:
+    """`(pipeline, why)`: the `data.pipeline` a run's training images use.
+
+    "auto" is "memory" when the training images, decoded and sized
+    (N x S x S x 12 bytes), fit in `data.cache_images_mb`: decoding them
+    once and keeping them beats reading them again. Otherwise it is
+    "stream": each worker reads and decodes only its share of every batch,
+    and memory does not grow with the data. MixUp/CutMix mix whole global
+    batches, which a worker of the stream pipeline does not read: "auto"
+    keeps them on "memory".
+    """
+    if setting not in PIPELINES:
+        raise ValueError(f"Unknown data.pipeline {setting!r}. Choose one of: {', '.join(PIPELINES)}.")
+    if setting != "auto":
+        return setting, f"data.pipeline={setting!r}"
+    need_mb = len(train) * image_size**2 * 12 / 2**20
+    if need_mb <= budget_mb:
+        return "memory", (f"the {len(train):,} training images decoded at {image_size} px, "
+                          f"{need_mb:,.0f} MB, fit data.cache_images_mb={budget_mb:g}")
+    if mixes:
+        return "memory", ("MixUp/CutMix mix whole global batches, which the stream "
+                          "pipeline's workers do not read")
+    return "stream", (f"the {len(train):,} training images decoded at {image_size} px, "
+                      f"{need_mb:,.0f} MB, exceed data.cache_images_mb={budget_mb:g}")
+
+
+def training_order(
+    n: int, batch_size: int, seed: int, skip_batches: int = 0, shard: tuple[int, int] = (0, 1)
+) -> tf.data.Dataset:
     """The training stream's `(position, index)` pairs, unbatched.
 
-    Pass `p` visits the `n` indices in a permutation drawn from `(seed, p)`,
-    cut to whole batches; `position` counts elements over the whole stream.
-    The first `skip_batches * batch_size` elements are skipped. Shared by the
-    image stream (`make_dataset`) and the cached-feature stream
+    Pass `p` visits the `n` indices in a permutation drawn from `(seed, p)`
+    (a global shuffle, no buffer), cut to whole batches; `position` counts
+    elements over the whole stream, so batch `b` holds positions
+    `b * batch_size` to `(b + 1) * batch_size - 1`. Shared by the image
+    stream (`make_dataset`) and the cached-feature stream
     (`keras_ft.features`), so both visit the same images in the same order.
+
+    Args:
+        n: the number of training examples.
+        batch_size: the global batch size.
+        seed: the stream's seed.
+        skip_batches: the first batches left out: the stream starts at batch
+            `skip_batches`, computed, not replayed (the same time at any step).
+        shard: `(worker, workers)`: this input pipeline's share, the
+            `worker`-th contiguous `batch_size / workers` of every batch, so
+            the workers' shares of a batch, in worker order, are the batch.
     """
-    per_pass = (n // batch_size) * batch_size  # whole batches only
+    worker, workers = shard
+    if batch_size % workers or not 0 <= worker < workers:
+        raise ValueError(
+            f"training_order: shard {shard} of batches of {batch_size}: the batch "
+            "must divide evenly between the input pipelines."
+        )
+    steps = n // batch_size  # whole batches only
+    if steps == 0:
+        raise ValueError(
+            f"training_order: {n} training examples do not fill one batch of {batch_size}."
+        )
+    width = batch_size // workers
+    first_pass, first_step = divmod(skip_batches, steps)
+    columns = tf.range(worker * width, (worker + 1) * width, dtype=tf.int64)
 
     def one_pass(p):
         order = tf.random.experimental.index_shuffle(
@@ -352,10 +440,13 @@ def training_order(n: int, batch_size: int, seed: int, skip_batches: int = 0) ->
             seed=tf.stack([tf.constant(seed, tf.int64), p]),
             max_index=n - 1,
         )
-        return tf.data.Dataset.from_tensor_slices(order[:per_pass])
+        start = tf.where(p == first_pass, tf.constant(first_step, tf.int64), 0)
+        rows = tf.range(start, steps, dtype=tf.int64)
+        # Element (row, column) of the pass's [steps, batch_size] grid.
+        flat = tf.reshape(rows[:, None] * batch_size + columns[None, :], [-1])
+        return tf.data.Dataset.from_tensor_slices((p * steps * batch_size + flat, tf.gather(order, flat)))
 
-    ds = tf.data.Dataset.range(2**62).flat_map(one_pass).enumerate()
-    return ds.skip(skip_batches * batch_size)
+    return tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass)
 
 
 def make_dataset(
@@ -370,6 +461,7 @@ def make_dataset(
     augment: augment_lib.Augment | None = None,
     one_hot: bool = False,
     sized: np.ndarray | None = None,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """A batched `tf.data.Dataset` of `(images, labels)`.
 
@@ -400,6 +492,12 @@ def make_dataset(
             decoded and sized, read from memory instead of decoded again at
             every pass (the same values; not with `random_resized_crop`,
             which crops the original image).
+        input_context: training only, for
+            `strategy.distribute_datasets_from_function`: this input
+            pipeline reads and decodes only its share of every batch
+            (`training_order`'s `shard`), in batches of the per-replica size;
+            the replicas' batches of a step make up the global batch (the
+            same images as on one device). None = whole global batches.
     """
     check_resize(resize)
     if not training and augment is not None:
@@ -417,8 +515,29 @@ def make_dataset(
                 f"{(len(data), image_size, image_size, 3)}."
             )
         sized = tf.constant(sized)
-    images, labels = tf.constant(data.images), tf.constant(data.labels)
+    shard, replica_batch = (0, 1), batch_size
+    if input_context is not None:
+        if not training:
+            raise ValueError("make_dataset: input_context shards training streams only.")
+        if augment.mixes and input_context.num_replicas_in_sync > 1:
+            raise ValueError(
+                "MixUp/CutMix mix the images of a whole global batch, which no replica "
+                "reads under data.pipeline='stream': use data.pipeline='memory', or one "
+                "replica, or set data.augment.mixup=0 and data.augment.cutmix=0."
+            )
+        shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+        replica_batch = input_context.get_per_replica_batch_size(batch_size)
+    records = data.images if kind == RECORDS else None
+    images = None if records else tf.constant(data.images)
+    labels = tf.constant(data.labels)
     num_classes = len(data.class_names)
+
+    def fetch(index):
+        """The image at `index`: its path, encoded bytes or array."""
+        if records is None:
+            return images[index]
+        blob = tf.numpy_function(records.read, [index], tf.string, stateful=False)
+        return tf.ensure_shape(blob, [])
 
     def read_sized(index):
         """The image at the model's size (per `resize`) and its label."""
@@ -429,7 +548,7 @@ def make_dataset(
         return resize_image(image, image_size, resize), label
 
     def read(index, decode=True):
-        image = images[index]
+        image = fetch(index) if decode else None
         if decode and kind == FILES:
             image = tf.io.read_file(image)
         if decode and kind != ARRAYS:
@@ -444,7 +563,7 @@ def make_dataset(
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     pipeline = augment_lib.Pipeline(augment)
-    ds = training_order(len(data), batch_size, seed, skip_batches)
+    ds = training_order(len(data), batch_size, seed, skip_batches, shard)
 
     def load_and_augment(position, index):
         if augment.random_resized_crop:
@@ -455,7 +574,7 @@ def make_dataset(
         return position, pipeline.image(image, seed, position), label
 
     ds = ds.map(load_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(replica_batch, drop_remainder=True)
     if augment.mixes:
         # Batches start at multiples of batch_size (skips are whole batches).
         def mix(positions, x, y):

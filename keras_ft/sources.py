@@ -14,10 +14,13 @@ names the file, folder or dataset at fault and what to do about it.
                   "0".."K-1", K = `num_classes` or the largest label + 1).
     tfds:NAME     a prepared TensorFlow Datasets dataset, NAME as `tfds.load`
                   takes it (`tf_flowers`, `cifar10:3.0.2`, `imagenette/160px`);
-                  class names from its ClassLabel feature. Its images are held
-                  in memory, encoded as TFDS stores them (keras_ft.tfds_source).
+                  class names from its ClassLabel feature. Prepared as
+                  ArrayRecord, its images are read by index; as TFRecord,
+                  into memory, still encoded (keras_ft.tfds_source).
     sample:NAME   a small real image set built from files that ship in a
                   package (see `keras_ft.samples`), read as a folder.
+    records:PATH  a folder `launch.pack` wrote: the images of a folder or CSV
+                  in ArrayRecord files, read by index (keras_ft.records).
 
 Files and TFDS images are scanned by `keras_ft.validate` before training;
 missing or broken ones are bad files under its skip/fail policy.
@@ -37,7 +40,7 @@ from keras_ft import limits
 from keras_ft.data import ImageSet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-KINDS = ("folder", "csv", "tfds", "sample")
+KINDS = ("folder", "csv", "tfds", "sample", "records")
 VAL_FOLDERS = ("val", "validation")
 
 
@@ -77,6 +80,10 @@ def load_source(
             arg, tfds_split, tfds_val_split, tfds_data_dir, tfds_download,
             tfds_image_key, tfds_label_key,
         )
+    if kind == "records":
+        from keras_ft import records
+
+        return records.open_records(arg)
     if kind == "sample":
         from keras_ft import samples  # only the quickstart needs its packages
 

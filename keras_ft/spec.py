@@ -71,6 +71,7 @@ class DataSpec:
     resize: str
     augment: augment_lib.Augment
     cache_images_mb: float
+    pipeline: str  # "auto", "memory" or "stream" (keras_ft.data.PIPELINES)
     class_weights: bool
     cache_features: bool
     max_length: int  # text: tokens per example, [CLS] and [SEP] included
@@ -453,6 +454,7 @@ def resolve_data(d) -> DataSpec:
         augment=augment_lib.Augment.from_config(d.augment),
         cache_images_mb=checks.number(d.cache_images_mb, "data.cache_images_mb", 0, 1900,
                                 note=" of megabytes (0 = off)"),
+        pipeline=checks.choice(d.pipeline, "data.pipeline", data_lib.PIPELINES),
         class_weights=checks.boolean(d.class_weights, "data.class_weights"),
         cache_features=checks.boolean(d.cache_features, "data.cache_features"),
         max_length=checks.integer(d.max_length, "data.max_length", 3, 8192,

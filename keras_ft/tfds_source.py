@@ -1,8 +1,11 @@
 """`tfds:NAME` sources: a prepared TensorFlow Datasets dataset as an `ImageSet`.
 
 `keras_ft.sources.load_source` calls `from_tfds` for `data.source="tfds:NAME"`,
-with the `data.tfds.*` config keys. Its images are held in memory, encoded
-as TFDS stores them, and scanned by `keras_ft.validate` like files. A
+with the `data.tfds.*` config keys. A dataset prepared in the ArrayRecord
+format (`tfds build --file_format=array_record`) is read by index when the
+pipeline needs each image, nothing held but the labels; one prepared as
+TFRecords (TFDS's default) is read into memory, encoded as TFDS stores it,
+and scanned by `keras_ft.validate` like files. A
 dataset that is not prepared fails at once, offline, in one line that says
 what to prepare where (an offline download would retry for minutes).
 """
@@ -72,6 +75,14 @@ def from_tfds(
             f"{features[image_key].np_dtype} images; keras_ft reads 8- or 16-bit ones."
         )
     _prepare(builder, name, download)
+    if _is_array_record(builder):
+        return _by_index(builder, name, split, val_split, image_key, label_key)
+    logging.info(
+        "TFDS %s is stored as %s, read in order only: its images are read into memory. "
+        "Prepare it with `tfds build %s --file_format=array_record` to read them by index.",
+        name, builder.info.file_format.value if builder.info.file_format else "tfrecord",
+        builder.name,
+    )
 
     images, labels, names = _read_split(builder, name, split, "data.tfds.split", image_key, label_key)
     num_train = len(images)
@@ -90,6 +101,37 @@ def from_tfds(
         list(features[label_key].names),
         val_mask=np.arange(len(images)) >= num_train if val_split else None,
         names=names,
+    )
+
+
+def _is_array_record(builder) -> bool:
+    import tensorflow_datasets as tfds
+
+    return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def _by_index(builder, name, split, val_split, image_key, label_key) -> ImageSet:
+    """The splits as `RecordImages`: read by index when the pipeline needs
+    them; only the labels are read now (one pass, images not decoded)."""
+    from keras_ft.data import RecordImages
+    from keras_ft.records import TfdsStore
+
+    splits = [split] + ([val_split] if val_split else [])
+    try:
+        store = TfdsStore(builder, splits, image_key, label_key)
+    except ValueError as e:  # an unknown split or a bad slice
+        raise ValueError(f"TFDS dataset {name!r}, split {splits}: {_one_line(e)}") from None
+    sizes = store.split_sizes()
+    for spec, size in zip(splits, sizes):
+        if not size:
+            raise ValueError(f"TFDS dataset {name!r}, split {spec!r}: the split has no examples.")
+    labels = store.labels()
+    logging.info("TFDS %s: %d images in ArrayRecord files in %s, read by index.",
+                 name, len(store), builder.data_dir)
+    return ImageSet(
+        RecordImages(store, np.arange(len(store))), labels,
+        list(builder.info.features[label_key].names),
+        val_mask=np.arange(len(store)) >= sizes[0] if val_split else None,
     )
 
 

@@ -208,7 +208,6 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
 
     if state is None:  # the start, as a checkpoint: a rollback target
         saver.save_start(model)
-    class_weight = data.class_weight()
     val_stream = distribute.shard_by_data(data.eval_stream("val"))
     if best is not None and best.stop:  # a resumed run that had stopped early
         epoch = len(history)
@@ -239,8 +238,9 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
             callback.resume_at(step)
         saver.resume_at(step, state.get("metric_sums") if state else None)
         try:
+            train_input, class_weight = data.train_input(strategy, skip, features_of)
             model.fit(
-                distribute.shard_by_data(data.train_stream(skip, features_of=features_of)),
+                train_input,
                 validation_data=(
                     distribute.shard_by_data(data.eval_stream("val", features_of=model))
                     if cached else val_stream

@@ -82,6 +82,7 @@ class Report:
             image can count under two kinds (16-bit grayscale). Also JPEGs
             whose EXIF orientation is ignored (`headers.EXIF_ROTATED`).
         seconds: time the scan took.
+        unscanned: why the images were not scanned ("" = they were).
     """
 
     num_scanned: int
@@ -91,12 +92,16 @@ class Report:
     bad_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
     converted: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    unscanned: str = ""
 
     def lines(self, max_listed: int = 20) -> list[str]:
         """A readable summary, one string per line."""
         n_bad = len(self.bad_files)
         head = (
             f"Scanned {self.num_scanned:,} files in {len(self.class_names)} classes"
+            if not self.unscanned else
+            f"{self.num_scanned:,} images in {len(self.class_names)} classes, not scanned "
+            f"({self.unscanned})"
         )
         if n_bad:
             kinds = ", ".join(
@@ -107,7 +112,7 @@ class Report:
             )
             more = ", ..." if n_bad > 3 else ""
             head += f": {n_bad:,} skipped ({kinds}): {listed}{more}"
-        else:
+        elif not self.unscanned:
             head += ": no bad files"
         lines = [head + "."]
         for path, reason in self.bad_files[:max_listed]:
@@ -175,9 +180,14 @@ def scan(
     _check_labels(images, num_classes)
     start = time.monotonic()
     names = images.class_names
-    if images.kind == data.ARRAYS:
+    if images.kind in (data.ARRAYS, data.RECORDS):
+        # Arrays are decoded already; records were checked when packed (or
+        # prepared by TFDS), and reading them all would defeat reading by
+        # index: a record that fails to decode stops the run, named.
         counts = np.bincount(images.labels, minlength=len(names))
-        report = Report(len(images), list(names), dict(zip(names, counts.tolist())))
+        report = Report(len(images), list(names), dict(zip(names, counts.tolist())),
+                        unscanned=("" if images.kind == data.ARRAYS else
+                                   f"{images.images.store.describe()}, checked when written"))
         _check_no_empty_class(report, images)
         report.seconds = time.monotonic() - start
         return images, report

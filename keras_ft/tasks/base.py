@@ -80,6 +80,20 @@ class TaskData(abc.ABC):
         """Per-class loss weights for `fit(class_weight=...)`, or None."""
         return None
 
+    def train_input(self, strategy, skip_batches: int = 0, features_of=None):
+        """What `fit()` trains on under `strategy`: `(dataset, class_weight)`.
+
+        By default `train_stream` on every worker, each keeping its replicas'
+        share of every global batch (`keras_ft.distribute.shard_by_data`),
+        and `class_weight()`. A task whose stream can read only its own share
+        (`data.pipeline="stream"`) returns a distributed dataset that does,
+        with any class weights applied inside it (class_weight None).
+        """
+        from keras_ft import distribute
+
+        stream = self.train_stream(skip_batches, features_of=features_of)
+        return distribute.shard_by_data(stream), self.class_weight()
+
     def _keep(self, spec, dataset, train_set, val_set, scan_report) -> None:
         """Sets what every task's data holds, from a reader's split: the
         attributes above, the run's spec and its global batch size."""
@@ -105,14 +119,16 @@ class TaskData(abc.ABC):
         logged; None when it is off."""
         if not self._spec.data.class_weights:
             return None
-        from absl import logging
+        if getattr(self, "_class_weights", None) is None:  # logged once
+            from absl import logging
 
-        from keras_ft import validate
+            from keras_ft import validate
 
-        weights = validate.class_weights(self.train_set.labels, len(self.class_names))
-        logging.info("Class weights (inverse frequency): %s.", ", ".join(
-            f"{self.class_names[c]} {w:.3g}" for c, w in weights.items()))
-        return weights
+            weights = validate.class_weights(self.train_set.labels, len(self.class_names))
+            logging.info("Class weights (inverse frequency): %s.", ", ".join(
+                f"{self.class_names[c]} {w:.3g}" for c, w in weights.items()))
+            self._class_weights = weights
+        return self._class_weights
 
     def _split_description(self) -> str:
         """How the validation split was made, for `describe`."""

@@ -74,6 +74,10 @@ class ImageData(base.TaskData):
             self._image_size, spec.data.resize, spec.data.cache_images_mb
         )
         self._features = None  # keras_ft.features.Cache, built on first use
+        d = spec.data
+        self.pipeline, self._pipeline_why = data_lib.choose_pipeline(
+            d.pipeline, train_set, self._image_size, d.cache_images_mb, d.augment.mixes
+        )
 
     def describe(self) -> list[str]:
         d = self._spec.data
@@ -81,6 +85,10 @@ class ImageData(base.TaskData):
             f"Data {d.source}: {self.train_size} train / {self.val_size} validation images "
             f"({self._split_description()}), {len(self.class_names)} classes ({', '.join(self.class_names[:10])}).",
             f"Images: {d.resize} to {self._image_size} px; augmentation: {d.augment.describe()}.",
+            f"Input pipeline: {self.pipeline} ({self._pipeline_why}): " + (
+                "each worker reads and decodes only its share of every batch, by index."
+                if self.pipeline == "stream" else
+                "every worker runs the whole stream and keeps its replicas' share."),
         ]
 
     def _images(self, split: str) -> data_lib.ImageSet:
@@ -97,19 +105,44 @@ class ImageData(base.TaskData):
             )
         return self._features
 
-    def train_stream(self, skip_batches: int = 0, features_of=None) -> tf.data.Dataset:
+    def train_stream(
+        self, skip_batches: int = 0, features_of=None, input_context=None
+    ) -> tf.data.Dataset:
         d, seed = self._spec.data, self._spec.seed
         if features_of is not None:  # the same stream, on the frozen backbone's features
             return features.training_stream(
                 self._cached_features(features_of), self._batch, seed, skip_batches, d.augment
             )
         # random_resized_crop crops the originals: no sized copy for training.
-        sized = None if d.augment.random_resized_crop else self._sized.get("train", self.train_set)
+        sized = None if d.augment.random_resized_crop else self._train_sized()
         return data_lib.make_dataset(
             self.train_set, self._image_size, self._batch, training=True, seed=seed,
             skip_batches=skip_batches, resize=d.resize, augment=d.augment,
-            one_hot=d.augment.mixes, sized=sized,
+            one_hot=d.augment.mixes, sized=sized, input_context=input_context,
         )
+
+    def _train_sized(self):
+        """The training images decoded and sized, kept (memory pipeline, when
+        they fit data.cache_images_mb); None: decoded at every pass."""
+        if self.pipeline == "stream":
+            return None
+        return self._sized.get("train", self.train_set)
+
+    def train_input(self, strategy, skip_batches: int = 0, features_of=None):
+        if features_of is not None or self.pipeline != "stream":
+            return super().train_input(strategy, skip_batches, features_of)
+        weights = self.class_weight()
+
+        def stream(context):
+            ds = self.train_stream(skip_batches, input_context=context)
+            if weights is None:
+                return ds
+            table = tf.constant([weights[c] for c in range(len(self.class_names))], tf.float32)
+            # As fit(class_weight=...) would: the weight of each image's class.
+            return ds.map(lambda x, y: (x, y, tf.gather(
+                table, tf.argmax(y, -1) if y.shape.rank == 2 else y)))
+
+        return strategy.distribute_datasets_from_function(stream), None
 
     def eval_stream(self, split: str = "val", features_of=None) -> tf.data.Dataset:
         images = self._images(split)
@@ -132,7 +165,7 @@ class ImageData(base.TaskData):
         return data_lib.make_dataset(
             self.train_set, self._image_size, self._batch, training=True,
             seed=self._spec.seed, resize=d.resize, augment=augment.Augment(flip=False),
-            sized=self._sized.get("train", self.train_set),
+            sized=self._train_sized(),
         ).take(max(len(self.train_set) // self._batch, 1))
 
     def class_weight(self) -> dict[int, float] | None:
