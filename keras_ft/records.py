@@ -168,9 +168,7 @@ def pack(data: ImageSet, out: str, source: str, shards: int = 0, progress=None) 
 
     Every file's bytes go in unchanged, in `data`'s order, so a run on
     `records:OUT` reads the same images, labels and split as a run on the
-    source. The folder appears complete or not at all: it is written as
-    `OUT.partial` and renamed when done (a leftover `.partial` from a killed
-    pack is removed first).
+    source (`write`).
 
     Args:
         data: an `ImageSet` of files (`keras_ft.sources`, after
@@ -181,57 +179,87 @@ def pack(data: ImageSet, out: str, source: str, shards: int = 0, progress=None) 
             `DEFAULT_SHARD_MB` of images.
         progress: called as `progress(done, total)` every 1,000 images.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     if data.kind != FILES:
         raise ValueError(
             f"pack: {source} holds {data.kind} images; launch.pack packs folders and CSVs "
             "(a TFDS dataset is read by index once prepared with "
             "`tfds build --file_format=array_record`)."
         )
+    total = sum(os.path.getsize(p) for p in data.images)
+    if shards <= 0:
+        shards = max(1, -(-total // (DEFAULT_SHARD_MB * 2**20)))
+    blobs = (limits.read_regular(path, data.root) for path in data.images)
+    return write(out, blobs, data.labels, data.class_names, source, shards,
+                 val_mask=data.val_mask, progress=progress)
+
+
+def write(out: str, blobs, labels, class_names: list[str], source: str, shards: int = 1,
+          val_mask=None, progress=None) -> Packed:
+    """Writes encoded images into `out` as `open_records` reads them.
+
+    The folder appears complete or not at all: it is written as
+    `OUT.partial` and renamed when done (a leftover `.partial` from a killed
+    write is removed first).
+
+    Args:
+        out: the folder to write; it must not exist.
+        blobs: an iterable of the encoded images (bytes), `len(labels)` of
+            them, consumed once in order (a generator: nothing held).
+        labels: int `[N]`, indices into `class_names`.
+        class_names: the classes, in label order.
+        source: where the images came from, recorded in the metadata.
+        shards: the number of ArrayRecord files, of consecutive records.
+        val_mask: bool `[N]`, the source's own validation split, or None.
+        progress: called as `progress(done, total)` every 1,000 images.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise ValueError(f"--out={out} exists; remove it or choose another folder.")
     start = time.perf_counter()
-    sizes = [os.path.getsize(p) for p in data.images]
-    total = sum(sizes)
-    if shards <= 0:
-        shards = max(1, -(-total // (DEFAULT_SHARD_MB * 2**20)))
-    shards = min(shards, max(len(data), 1))
+    labels = np.asarray(labels, np.int32)
+    n = len(labels)
+    shards = max(1, min(shards, n))
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    bounds = np.linspace(0, len(data), shards + 1).round().astype(int)
-    shard_meta = []
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    blobs = iter(blobs)
+    shard_meta, image_bytes = [], 0
     for s in range(shards):
         name = SHARD_PATTERN.format(s, shards)
         writer = ArrayRecordWriter(os.path.join(partial, name), WRITER_OPTIONS)
         try:
             for i in range(bounds[s], bounds[s + 1]):
-                writer.write(limits.read_regular(data.images[i], data.root))
+                blob = next(blobs, None)
+                if blob is None:
+                    raise ValueError(f"write: {i} images for {n} labels.")
+                writer.write(blob)
+                image_bytes += len(blob)
                 if progress and (i + 1) % 1000 == 0:
-                    progress(i + 1, len(data))
+                    progress(i + 1, n)
         finally:
             writer.close()
         shard_meta.append({"file": name, "records": int(bounds[s + 1] - bounds[s]),
                            "bytes": os.path.getsize(os.path.join(partial, name))})
     meta = {
         "format": FORMAT,
-        "num_records": len(data),
-        "class_names": list(data.class_names),
+        "num_records": n,
+        "class_names": list(class_names),
         "shards": shard_meta,
-        "labels_sha256": _save(partial, LABELS, np.asarray(data.labels, np.int32)),
-        "val_mask_sha256": (None if data.val_mask is None
-                            else _save(partial, VAL_MASK, np.asarray(data.val_mask, bool))),
+        "labels_sha256": _save(partial, LABELS, labels),
+        "val_mask_sha256": (None if val_mask is None
+                            else _save(partial, VAL_MASK, np.asarray(val_mask, bool))),
         "source": source,
-        "image_bytes": int(total),
+        "image_bytes": image_bytes,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with open(os.path.join(partial, META), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
     os.replace(partial, out)
-    return Packed(out, len(data), shards, sum(s["bytes"] for s in shard_meta),
+    return Packed(out, n, shards, sum(s["bytes"] for s in shard_meta),
                   time.perf_counter() - start)
 
 

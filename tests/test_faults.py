@@ -33,9 +33,9 @@ from keras_ft import preemption
 STEPS = 12  # 3 epochs x 4 steps
 
 
-def flags(images, deterministic=True):
+def flags(images, deterministic=True, source=None):
     return [
-        f"--config.data.source=folder:{images}",
+        f"--config.data.source={source or f'folder:{images}'}",
         "--config.train.epochs=3",
         "--config.train.steps_per_epoch=4",
         "--config.checkpoint.every_steps=2",
@@ -131,6 +131,26 @@ def test_kill_9_mid_epoch_resumes_at_the_step_bitwise(tmp_path, images, referenc
     assert "ckpt-000000006: 1 epoch(s) and 2 step(s) done (global step 6)" in resumed.stderr
     assert "starting at step 3 of epoch 2" in resumed.stderr
     assert "Stage 2/2 at epoch 2" in resumed.stderr
+    assert_same_run(workdir, reference)
+
+
+@pytest.mark.slow
+def test_kill_9_on_the_folder_packed_and_streamed_ends_as_the_folder_run(tmp_path, images, reference):
+    # The folder packed to ArrayRecord, each image read by index, each
+    # worker's share of the batches computed at the resumed step (no
+    # replay): the same weights, bitwise, as the folder on the memory pipeline.
+    from launch import pack
+
+    pack.run(f"folder:{images}", str(tmp_path / "packed"))
+    overrides = [*flags(images, source=f"records:{tmp_path / 'packed'}"),
+                 "--config.data.pipeline=stream"]
+    workdir = tmp_path / "run"
+    killed = run_fault(workdir, "kill", 7, *overrides)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "Input pipeline: stream (data.pipeline='stream')" in killed.stderr
+    resumed = run_train(workdir, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting at step 3 of epoch 2" in resumed.stderr
     assert_same_run(workdir, reference)
 
 

@@ -80,12 +80,15 @@ def test_two_workers_match_one_device_and_only_the_chief_writes(tmp_path, tmp_pa
     # The reference: the same run on one device (the session's, shared with
     # tests/test_distribute.py), trained alongside if no test has yet.
     ONE_DEVICE.start(tmp_path_factory, images)
-    with _start(workdir, images, tmp) as launch:
+    # Each worker reads and decodes only its share of every batch (the
+    # reference, on one device, runs the memory pipeline).
+    with _start(workdir, images, tmp, "--config.data.pipeline=stream") as launch:
         result = launch.result()
     one_device = ONE_DEVICE.workdir(tmp_path_factory, images)
     out = result.stdout
     assert result.returncode == 0, out[-4000:]
     assert "Workers exited with [0, 0]." in out
+    assert re.search(r"^\[worker 1\] .*Input pipeline: stream", out, re.M)
     # distribute.strategy=auto picked MultiWorkerMirroredStrategy from TF_CONFIG.
     assert ("MultiWorkerMirroredStrategy with 2 replica(s) on 2 worker(s); "
             "this is worker 0, the chief") in out
