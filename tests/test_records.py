@@ -237,3 +237,69 @@ def test_pack_refuses_an_existing_out_and_leaves_no_partial_folder(folder, packe
     assert not os.path.exists(os.path.join(str(out) + ".partial", records.META))
     with pytest.raises(ValueError, match="holds arrays images"):
         records.pack(data.from_arrays(np.zeros((2, 4, 4, 3), np.uint8), [0, 1]), str(out), "x")
+
+
+# ------------------------------------------------- TFDS prepared as ArrayRecord
+
+
+def _store_tfds(data_dir, file_format):
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        images = rng.integers(0, 255, (n, 12, 10 + n % 3, 3), dtype=np.uint8)
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": np.arange(n) % 3})
+
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)),
+        "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+    })
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="keras_ft_tiny", version="1.0.0", features=features,
+        split_datasets={"train": split(12), "test": split(6)}, data_dir=str(data_dir),
+        file_format=file_format,
+    )
+
+
+def test_tfds_in_array_record_is_read_by_index_as_tfrecord_is_into_memory(tmp_path):
+    from keras_ft import tfds_source
+
+    loaded = {}
+    for file_format in ("array_record", "tfrecord"):
+        _store_tfds(tmp_path / file_format, file_format)
+        loaded[file_format] = tfds_source.from_tfds(
+            "keras_ft_tiny", split="train", val_split="test", data_dir=str(tmp_path / file_format))
+    by_index, in_memory = loaded["array_record"], loaded["tfrecord"]
+    assert by_index.kind == data.RECORDS and in_memory.kind == data.ENCODED
+    assert by_index.class_names == ["a", "b", "c"]
+    np.testing.assert_array_equal(by_index.val_mask, in_memory.val_mask)
+    # The same examples (TFDS stores both formats in one order).
+    np.testing.assert_array_equal(by_index.labels, in_memory.labels)
+    assert [by_index.images.read(i) for i in range(18)] == list(in_memory.images)
+    assert by_index.images.store.name(13) == "keras_ft_tiny test #1"
+    a = list(data.make_dataset(by_index, 8, 4, True, seed=2).take(3))
+    b = list(data.make_dataset(in_memory, 8, 4, True, seed=2).take(3))
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_pack_cli_packs_and_bad_input_is_one_line_exit_2(folder, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, error_line, train_env
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "launch.pack", *flags], cwd=REPO,
+                              env=train_env(), capture_output=True, text=True, timeout=300)
+
+    done = run(f"--source=folder:{folder}", f"--out={tmp_path / 'out'}", "--shards=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Scanned 31 files in 3 classes: no bad files." in done.stderr
+    assert f"records:{tmp_path / 'out'}" in done.stderr
+    assert "oneDNN" not in done.stderr  # TensorFlow's start-up lines are not ours
+    bad = run(f"--source=folder:{tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}")
+    assert bad.returncode == 2
+    assert "does not exist" in error_line(bad) and not (tmp_path / "x").exists()
