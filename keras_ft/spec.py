@@ -261,6 +261,10 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         raise ValueError(
             f"data.cache_features caches an image backbone's features for a classifier's head; "
             f"task '{task}' has none to cache: set data.cache_features=False.")
+    if data.pipeline == "stream" and not tasks.get(task).streams:
+        raise ValueError(
+            f"data.pipeline='stream' reads images by index for image classification; task "
+            f"'{task}' holds its examples in memory: set data.pipeline='auto' or 'memory'.")
     if text:
         _check_text_data(data, backbone)
     if task == "semantic_segmentation":

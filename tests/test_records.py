@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import write_image_folder
 from keras_ft import augment, data, records, sources
 from launch import pack
-from runs import tiny_config
+from runs import overridden, tiny_config
 
 
 def replayed_order(n, batch_size, seed, skip_batches):
@@ -179,6 +179,10 @@ def test_auto_pipeline_chooses_by_decoded_size():
 
     with pytest.raises(ValueError, match="data.pipeline"):
         spec.resolve(tiny_config({"data.pipeline": "disk"}))
+    from configs import seg_tiny
+
+    with pytest.raises(ValueError, match="'semantic_segmentation' holds its examples in memory"):
+        spec.resolve(overridden(seg_tiny.get_config(), {"data.pipeline": "stream"}))
 
 
 # ------------------------------------------------------------- bad input

@@ -151,6 +151,8 @@ class Task(abc.ABC):
     main_metric: str = ""  # a compiled metric's name: metrics.json has "val_" + it
     caches_features: bool = False  # a head-only stage can train on cached
     #   backbone features (`data.cache_features`; `TaskData.train_stream(features_of=...)`)
+    streams: bool = False  # its training stream can read each worker's share
+    #   by index (`data.pipeline="stream"`; `TaskData.train_input`)
 
     def logged_metrics(self) -> list[str]:
         """The metrics `fit()` logs each epoch, validation first: what

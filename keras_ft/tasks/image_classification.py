@@ -209,6 +209,7 @@ class ImageClassification(base.Task):
     name = "image_classification"
     main_metric = "accuracy"
     caches_features = True
+    streams = True
 
     def load_data(self, spec) -> ImageData:
         return ImageData(spec, *load_splits(spec.data, spec.seed))
