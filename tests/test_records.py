@@ -2,6 +2,7 @@
 at any step, each input pipeline reading only its share of every batch."""
 
 import collections
+import itertools
 import json
 import os
 import threading
@@ -307,3 +308,27 @@ def test_pack_cli_packs_and_bad_input_is_one_line_exit_2(folder, tmp_path):
     bad = run(f"--source=folder:{tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}")
     assert bad.returncode == 2
     assert "does not exist" in error_line(bad) and not (tmp_path / "x").exists()
+
+
+def test_the_stream_pipeline_applies_class_weights_inside_the_stream(tmp_path):
+    from keras_ft import spec as spec_lib, validate
+    from keras_ft.tasks import image_classification
+
+    images = write_image_folder(tmp_path / "images", {"few": 4, "many": 12})
+    weights = None
+    for pipeline in ("memory", "stream"):
+        spec = spec_lib.resolve(tiny_config({
+            "data.source": f"folder:{images}", "data.pipeline": pipeline,
+            "data.class_weights": True}))
+        task_data = image_classification.ImageData(
+            spec, *image_classification.load_splits(spec.data, spec.seed))
+        assert task_data.pipeline == pipeline
+        dataset, class_weight = task_data.train_input(tf.distribute.get_strategy())
+        if pipeline == "memory":  # fit(class_weight=...) weights the loss
+            weights = class_weight
+            assert weights == validate.class_weights(task_data.train_set.labels, 2)
+            assert weights[0] > 1 > weights[1]
+            continue
+        assert class_weight is None  # fit() cannot map a distributed dataset
+        for x, y, w in itertools.islice(iter(dataset), 3):
+            np.testing.assert_allclose(w.numpy(), [weights[int(label)] for label in y.numpy()])
