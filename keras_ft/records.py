@@ -86,7 +86,7 @@ def open_records(path: str) -> ImageSet:
             n.endswith(".array_record") for n in os.listdir(path)) else "")
         raise ValueError(
             f"data.source records:{path}: no {META} in {path!r}{hint}; write one with "
-            f"`python -m launch.pack --source=folder:IMAGES --out={path}`."
+            f"`python -m launch.pack --source=folder:IMAGES --output_dir={path}`."
         )
     meta = _read_meta(meta_path)
     shard_paths = []
@@ -216,7 +216,7 @@ def write(out: str, blobs, labels, class_names: list[str], source: str, shards: 
 
     out = os.path.abspath(out)
     if os.path.exists(out):
-        raise ValueError(f"--out={out} exists; remove it or choose another folder.")
+        raise ValueError(f"--output_dir={out} exists; remove it or choose another folder.")
     start = time.perf_counter()
     labels = np.asarray(labels, np.int32)
     n = len(labels)

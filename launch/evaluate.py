@@ -9,7 +9,7 @@ source's own split or the same `data.val_fraction` and seed; images sized
 by the same `data.resize` policy) and warns if the accuracy differs from
 the trainer's `val_accuracy` in metrics.json.
 
-`--data=folder:PATH|csv:PATH|tfds:NAME` (the strings `data.source` takes)
+`--data=folder:PATH|csv:PATH|tfds:NAME|records:PATH` (the strings `data.source` takes)
 evaluates a held-out set instead: ALL its images, no split, checked by
 `keras_ft.validate.scan` under the run's `data.bad_files` policy (a TFDS
 dataset with the run's `data.tfds.*` settings, split `--data_split`).
@@ -255,6 +255,8 @@ def image_names(images) -> list[str]:
 
     if images.kind == data.FILES:
         return list(images.images)
+    if images.kind == data.RECORDS:
+        return [images.images.store.name(i) for i in images.images.index]
     return list(images.names or [f"image #{i}" for i in range(len(images))])
 
 

@@ -1,6 +1,6 @@
 """Packs a folder or CSV of images into ArrayRecord files: `python -m launch.pack`.
 
-    python -m launch.pack --source=folder:/data/inat --out=/data/inat_records
+    python -m launch.pack --source=folder:/data/inat --output_dir=/data/inat_records
     python -m launch.train --config=configs/base.py \\
         --config.data.source=records:/data/inat_records --workdir=/tmp/inat
 
@@ -12,7 +12,7 @@ train/validation split if it has one (`keras_ft.records`). A run on
 `records:OUT` reads the same images as a run on the source, with the same
 labels and split, and so trains to the same weights; it lists and scans
 nothing at start-up, and reads each image by index when the input pipeline
-needs it. `--out` appears complete or not at all (written as
+needs it. `--output_dir` appears complete or not at all (written as
 `OUT.partial`, then renamed).
 
 Exit codes:
@@ -30,7 +30,7 @@ from launch import cli
 
 _SOURCE = flags.DEFINE_string(
     "source", None, "The images to pack: folder:PATH, csv:PATH or sample:NAME (as data.source).")
-_OUT = flags.DEFINE_string("out", None, "The folder to write; must not exist.")
+_OUT = flags.DEFINE_string("output_dir", None, "The folder to write; must not exist.")
 _SHARDS = flags.DEFINE_integer(
     "shards", 0, "ArrayRecord files to write; 0 = one per 512 MB of images.", lower_bound=0)
 _BAD_FILES = flags.DEFINE_enum(
@@ -38,7 +38,7 @@ _BAD_FILES = flags.DEFINE_enum(
 _NUM_CLASSES = flags.DEFINE_integer(
     "num_classes", 0, "The label range of a CSV with integer labels (as data.num_classes).",
     lower_bound=0)
-flags.mark_flags_as_required(["source", "out"])
+flags.mark_flags_as_required(["source", "output_dir"])
 
 
 def run(source: str, out: str, shards: int = 0, bad_files: str = "skip",
@@ -47,7 +47,7 @@ def run(source: str, out: str, shards: int = 0, bad_files: str = "skip",
     import os
 
     if os.path.exists(out):  # before listing a million files
-        raise ValueError(f"--out={out} exists; remove it or choose another folder.")
+        raise ValueError(f"--output_dir={out} exists; remove it or choose another folder.")
     cli.import_tensorflow()
     from keras_ft import records, sources, validate
 

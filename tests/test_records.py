@@ -300,12 +300,12 @@ def test_pack_cli_packs_and_bad_input_is_one_line_exit_2(folder, tmp_path):
         return subprocess.run([sys.executable, "-m", "launch.pack", *flags], cwd=REPO,
                               env=train_env(), capture_output=True, text=True, timeout=300)
 
-    done = run(f"--source=folder:{folder}", f"--out={tmp_path / 'out'}", "--shards=2")
+    done = run(f"--source=folder:{folder}", f"--output_dir={tmp_path / 'out'}", "--shards=2")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Scanned 31 files in 3 classes: no bad files." in done.stderr
     assert f"records:{tmp_path / 'out'}" in done.stderr
     assert "oneDNN" not in done.stderr  # TensorFlow's start-up lines are not ours
-    bad = run(f"--source=folder:{tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}")
+    bad = run(f"--source=folder:{tmp_path / 'nowhere'}", f"--output_dir={tmp_path / 'x'}")
     assert bad.returncode == 2
     assert "does not exist" in error_line(bad) and not (tmp_path / "x").exists()
 
