@@ -504,7 +504,7 @@ def rates_part(path: str, cfg: dict, rounds: int) -> dict:
                 "memory": lambda: rate(tf_data(memory), batches, batch),
                 "head_only": lambda: rate(head_only, cfg["head_steps"], batch)}
     try:
-        import grain  # noqa: F401
+        import grain  # noqa: F401  (only whether it is installed)
 
         grain_note = "installed"
         for w in (0, 2):
