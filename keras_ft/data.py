@@ -14,6 +14,7 @@ SavedModel export uses too) and, for training, augmented (`keras_ft.augment`).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import time
 
@@ -31,6 +32,33 @@ RESIZE_POLICIES = ("resize", "center_crop", "resize_then_crop", "pad")
 # or each reads only its share, by index ("stream"); "auto" picks by size.
 PIPELINES = ("auto", "memory", "stream")
 CROP_FRACTION = 0.875  # "resize_then_crop": the crop's share of the short side
+
+
+class _Reads:
+    """When records were last read, so that reads can stop before the
+    interpreter exits. tf.data's threads call `RecordImages.read` through
+    `tf.numpy_function`; one that enters Python while the interpreter is
+    finalizing never returns, and a process whose stream iterator was still
+    alive hung at exit (2 runs in 3). At exit, reads return no bytes at
+    once (the elements fail to decode, and nobody reads them), and exit
+    waits until the threads have stopped calling (their buffers full: they
+    wait without Python), at most `EXIT_WAIT` seconds."""
+
+    QUIET, EXIT_WAIT = 0.05, 2.0
+
+    def __init__(self):
+        self.last, self.exiting = None, False
+
+    def stop(self):
+        self.exiting = True
+        deadline = time.monotonic() + self.EXIT_WAIT
+        while self.last is not None and time.monotonic() < deadline and (
+                time.monotonic() - self.last < self.QUIET):
+            time.sleep(self.QUIET / 2)
+
+
+_READS = _Reads()
+atexit.register(_READS.stop)
 
 
 class RecordImages:
@@ -56,6 +84,9 @@ class RecordImages:
 
     def read(self, i) -> bytes:
         """The encoded bytes of this set's image `i` (a position in `index`)."""
+        _READS.last = time.monotonic()
+        if _READS.exiting:  # no image: the element fails (unread), quietly
+            return b""
         return self.store.read(int(self.index[int(i)]))
 
 

@@ -332,3 +332,28 @@ def test_the_stream_pipeline_applies_class_weights_inside_the_stream(tmp_path):
         assert class_weight is None  # fit() cannot map a distributed dataset
         for x, y, w in itertools.islice(iter(dataset), 3):
             np.testing.assert_allclose(w.numpy(), [weights[int(label)] for label in y.numpy()])
+
+
+EXITS_WITH_A_LIVE_STREAM = """
+import sys
+from keras_ft import data, sources
+stream = iter(data.make_dataset(sources.load_source(sys.argv[1]), 16, 8, training=True))
+for _ in range(50):
+    next(stream)
+print("read", flush=True)
+"""
+
+
+def test_a_process_exits_with_a_stream_of_records_still_open(packed):
+    # tf.data's threads, inside tf.numpy_function, hung the interpreter's exit
+    # (2 runs in 3) until reads stop at exit (keras_ft.data._Reads).
+    import subprocess
+    import sys
+
+    from conftest import REPO, train_env
+
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXITS_WITH_A_LIVE_STREAM, f"records:{packed}"],
+                              cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout == "read\n", done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
