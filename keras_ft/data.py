@@ -125,7 +125,7 @@ class ImageSet:
 
     @property
     def kind(self) -> str:
-        """`FILES`, `ARRAYS` or `ENCODED`: what `images` holds."""
+        """`FILES`, `ARRAYS`, `ENCODED` or `RECORDS`: what `images` holds."""
         if isinstance(self.images, RecordImages):
             return RECORDS
         if not isinstance(self.images, np.ndarray):
@@ -418,14 +418,13 @@ def choose_pipeline(
     if setting != "auto":
         return setting, f"data.pipeline={setting!r}"
     need_mb = len(train) * image_size**2 * 12 / 2**20
-    if need_mb <= budget_mb:
-        return "memory", (f"the {len(train):,} training images decoded at {image_size} px, "
-                          f"{need_mb:,.0f} MB, fit data.cache_images_mb={budget_mb:g}")
-    if mixes:
+    fits = need_mb <= budget_mb
+    if mixes and not fits:
         return "memory", ("MixUp/CutMix mix whole global batches, which the stream "
                           "pipeline's workers do not read")
-    return "stream", (f"the {len(train):,} training images decoded at {image_size} px, "
-                      f"{need_mb:,.0f} MB, exceed data.cache_images_mb={budget_mb:g}")
+    return ("memory" if fits else "stream"), (
+        f"the {len(train):,} training images decoded at {image_size} px, {need_mb:,.0f} MB, "
+        f"{'fit' if fits else 'exceed'} data.cache_images_mb={budget_mb:g}")
 
 
 def training_order(
