@@ -163,6 +163,10 @@ def apply_stage(
     if optimizer is not None and optimizer.built:
         optimizer.lr_scale.assign(stage.lr_scale)
         optimizer.set_lr_multipliers(multipliers)
+    if getattr(model, "compiled", False):
+        # The train step was traced for the old variable set and multipliers:
+        # without a retrace it would go on training the old stage.
+        model.make_train_function(force=True)
     total = sum(int(np.prod(v.shape)) for v in model.weights)
     return StageInfo(sum(int(np.prod(v.shape)) for v in chosen), total, lowest)
 
@@ -458,8 +462,6 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
             stage = dataclasses.replace(stage, lr_scale=stage.lr_scale * self.lr_factors[index])
         self.info = apply_stage(self.model, stage, self.method, self.bn_policy, self.block_lr)
         self.batch_statistics = len(batch_statistics_layers(self.model))
-        # The train step was traced for the old variable set and multipliers.
-        self.model.make_train_function(force=True)
         self.current = index
         logging.info(
             "Stage %d/%d at epoch %d: %s, method %s; %s of %s parameters train (%.2f%%)%s.",

@@ -67,6 +67,22 @@ def test_frozen_prefix_is_bitwise_unchanged_and_the_rest_moves(bn_policy):
             assert changed, f"trainable {v.path} did not change"
 
 
+def test_apply_stage_on_a_compiled_model_retraces_the_train_step():
+    # The step is traced with the stage's variables: applying a new stage
+    # after a first step must change what the next step trains.
+    model = make_model()
+    x, y = batch()
+    freezing.apply_stage(model, Stage(epochs=1, blocks=0))
+    model.train_on_batch(x, y)
+    for blocks, backbone_moves in ((-1, True), (0, False)):
+        freezing.apply_stage(model, Stage(epochs=1, blocks=blocks))
+        before = snapshot(model)
+        model.train_on_batch(x, y)
+        changed = {v.path for v in model.backbone.weights
+                   if not np.array_equal(before[v.path], v.numpy())}
+        assert bool(changed) == backbone_moves, (blocks, sorted(changed)[:3])
+
+
 def test_stage_variables_and_keras_flags_for_head_only():
     model = make_model()
     info = freezing.apply_stage(model, Stage(epochs=1, blocks=0))
