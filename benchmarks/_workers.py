@@ -174,15 +174,13 @@ def keras_worker(backbone, image_size, batch_size, option, precision, modes):
     x, y = tf.constant(x), tf.constant(y)
 
     def switch(mode):
-        base.trainable = mode == "full"
-        if mode == "last":
-            base.trainable = True
-            for layer in base.layers:
-                layer.trainable = layer.name in last
-        if option == "frozen_bn":
-            for layer in base.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.trainable = False
+        # Every layer's flag is set: `base.trainable = True` does not reach
+        # the layers when the base is already trainable (after `last`).
+        base.trainable = mode in ("full", "last")
+        for layer in base.layers:
+            layer.trainable = mode == "full" or (mode == "last" and layer.name in last)
+            if option == "frozen_bn" and isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
         # Keras applies trainable flags at compile time.
         model.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -36,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import _results, _workers  # noqa: E402
+from keras_ft.precision import cpu_flags  # noqa: E402
 
 TRAIN_MODES = ("full", "last", "head")
 MODE_NAMES = {"full": "full fine-tuning", "last": "last stage", "head": "head only",
@@ -114,17 +115,6 @@ def flops(backbone: str, image_size: int) -> dict:
     last = sum(blocks[-_workers.LAST_BLOCKS[backbone]:])
     return {"forward": forward, "full": 3 * forward, "last": forward + 2 * last,
             "head": forward, "infer": forward}
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def machine() -> dict:

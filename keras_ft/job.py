@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import checkpoint, distribute, freezing, optim, spec as spec_lib
+from keras_ft import checkpoint, distribute, freezing, optim, precision, spec as spec_lib
 from keras_ft import stages as stages_lib, tasks, workdir as workdir_lib
 
 
@@ -48,7 +48,8 @@ def build_model(
     """The task's model of `spec`, compiled with keras_ft's SGD (call under
     the strategy's scope). `total_updates` is the schedule's length."""
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(spec.train.precision)  # for the layers built here
+    policy, _ = precision.resolve(spec.train.precision, spec.model.backbone)
+    keras.mixed_precision.set_global_policy(policy)  # for the layers built here
     try:
         model = task.build_model(spec, class_names)
     finally:
@@ -97,7 +98,8 @@ def assemble(spec: spec_lib.RunSpec, strategy: tf.distribute.Strategy | None = N
         tf.config.experimental.enable_op_determinism()
     batch = distribute.check_batch_size(spec.train.global_batch_size, strategy)
     logging.info("Strategy %s.", distribute.describe(strategy))
-    logging.info("Precision %s; XLA jit_compile=%s.", spec.train.precision, spec.train.jit_compile)
+    policy, why = precision.resolve(spec.train.precision, spec.model.backbone)
+    logging.info("Precision %s (%s); XLA jit_compile=%s.", policy, why, spec.train.jit_compile)
     o = spec.optimizer
     if o.rate != o.learning_rate:
         logging.info(

@@ -28,7 +28,7 @@ from keras_ft import augment as augment_lib
 from keras_ft import backbones, checks, data as data_lib, distribute, freezing, recipe, schedules
 from keras_ft import stages as stages_lib, validate
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")  # auto: keras_ft.precision
 OPTIMIZERS = ("sgd", "adamw")
 TEXT_TASKS = ("text_classification",)  # tasks whose model.backbone is a text encoder
 LR_SCALING = ("none", "linear")

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from configs import tiny
 from conftest import run_train
-from keras_ft import freezing, job, optim, spec, stages, tasks
+from keras_ft import freezing, job, optim, precision, spec, stages, tasks
 from runs import resolve_error, run_trains, tiny_config
 from test_distribute import TWO_REPLICAS, checkpoint_variables
 
@@ -137,9 +137,34 @@ def test_linear_lr_scaling():
         spec.resolve(config)
 
 
+@pytest.mark.parametrize("backbone, accelerators, flags, policy", [
+    ("resnet50", 0, {"avx512f", "amx_bf16"}, "mixed_bfloat16"),  # measured 1.39x
+    ("resnet152", 0, {"amx_bf16"}, "mixed_bfloat16"),  # resnet50's blocks
+    ("mobilenet_v2", 0, {"amx_bf16"}, "float32"),  # measured slower
+    ("resnet50", 0, {"avx512f", "avx512_bf16"}, "float32"),  # no AMX tiles
+    ("resnet50", 1, {"amx_bf16"}, "float32"),  # a GPU: not measured
+    ("convnext_tiny", 0, {"amx_bf16"}, "float32"),  # not measured
+])
+def test_auto_precision_follows_the_measurements(backbone, accelerators, flags, policy):
+    chosen, why = precision.resolve("auto", backbone, accelerators, flags)
+    assert chosen == policy and why.startswith("auto: ")
+    assert precision.resolve("float32", backbone, accelerators, flags)[0] == "float32"
+
+
+def test_auto_precision_builds_the_model_in_its_policy(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
+    monkeypatch.setitem(precision.BF16_SPEEDUP_AMX_CPU, "mobilenet_v2", 1.5)  # tiny's backbone
+    model, _ = _model(**{"train.precision": "auto"})
+    assert _conv(model).compute_dtype == "bfloat16"
+    monkeypatch.setitem(precision.BF16_SPEEDUP_AMX_CPU, "mobilenet_v2", 0.5)
+    model, _ = _model(**{"train.precision": "auto"})
+    assert _conv(model).compute_dtype == "float32"
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("train.precision", "float16",
-     "Unknown train.precision 'float16'. Choose one of: float32, mixed_float16, mixed_bfloat16."),
+     "Unknown train.precision 'float16'. Choose one of: float32, mixed_float16, mixed_bfloat16, "
+     "auto."),
     ("train.jit_compile", "yes", "train.jit_compile must be True, False or 'auto'"),
 ])
 def test_bad_precision_values(key, value, message):
