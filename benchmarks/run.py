@@ -36,13 +36,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import _results, _workers  # noqa: E402
-from keras_ft.precision import cpu_flags  # noqa: E402
 
 TRAIN_MODES = ("full", "last", "head")
 MODE_NAMES = {"full": "full fine-tuning", "last": "last stage", "head": "head only",
               "infer": "inference"}
-# Variants whose option only matters where backbone BatchNorm trains.
-BN_ONLY = ("keras_ft/trainable/float32", "keras/frozen_bn/float32", "keras/frozen_bn/bfloat16")
+# Options that only matter where backbone BatchNorm trains (full, last).
+BN_ONLY = (("keras_ft", "trainable"), ("keras", "frozen_bn"))
 
 ALL = (
     "keras_ft/frozen/float32", "keras_ft/trainable/float32", "keras_ft/frozen/bfloat16",
@@ -136,6 +135,8 @@ def machine() -> dict:
                     mhz = float(line.split(":", 1)[1])
     except OSError:
         pass
+    from keras_ft.precision import cpu_flags
+
     flags = cpu_flags()
     cores = len(os.sched_getaffinity(0))
     fp32 = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
@@ -155,7 +156,9 @@ def machine() -> dict:
 def start_workers(variants, backbone, image_size, batch, modes) -> dict:
     procs = {}
     for v in variants:
-        wanted = [m for m in modes if v not in BN_ONLY or m in ("full", "last")]
+        wanted = [m for m in modes if _workers.parse(v)[:2] not in BN_ONLY or m in ("full", "last")]
+        if not wanted:
+            continue
         procs[v] = (subprocess.Popen(
             [sys.executable, "-m", "benchmarks.run", "--worker", v, f"--backbone={backbone}",
              f"--image_size={image_size}", f"--batch={batch}", f"--modes={','.join(wanted)}"],
@@ -220,8 +223,17 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def run_suite(suite: str, rounds: int, steps: int, only: str | None) -> dict:
+def run_suite(suite: str, rounds: int, steps: int, only: str | None = None,
+              variants: str | None = None, modes: str | None = None) -> dict:
+    """Runs every case of `suite` (or those in `only`), optionally with other
+    variants or modes than the suite's (comma-separated)."""
     cases = SUITES[suite]
+    if variants or modes:
+        for v in (variants or "").split(","):
+            if v:
+                _workers.parse(v)
+        cases = [(b, size, batch, variants.split(",") if variants else vs,
+                  modes.split(",") if modes else ms) for b, size, batch, vs, ms in cases]
     if only:
         cases = [c for c in cases if f"{c[0]}@{c[1]}" in only.split(",")]
         if not cases:
@@ -365,12 +377,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, mode and round")
     parser.add_argument("--only", help="comma-separated cases BACKBONE@SIZE of the suite")
+    parser.add_argument("--variants", help="comma-separated variants instead of the suite's "
+                        "(FRAMEWORK/OPTION/PRECISION[+fpmath_bf16]; benchmarks/_workers.py)")
     parser.add_argument("--out", help="default: benchmarks/results/suite_SUITE.json (and .md)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--image_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--modes", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", help="comma-separated modes instead of the suite's "
+                        f"({', '.join(_workers.MODES)})")
     args = parser.parse_args()
     if args.worker:
         return _workers.main(args.worker, args.backbone, args.image_size, args.batch,
@@ -380,7 +395,8 @@ def main():
     cli.import_tensorflow()
     if args.suite == "gpu":
         check_gpu()
-    results = run_suite(args.suite, args.rounds, args.steps, args.only)
+    results = run_suite(args.suite, args.rounds, args.steps, args.only, args.variants,
+                        args.modes if not args.worker else None)
     report = tables(results)
     print("\n" + report)
     path = args.out or _results.default_path(f"suite_{args.suite}")

@@ -31,6 +31,7 @@ ended within it). Writes benchmarks/results/time_to_accuracy.json and .md.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -296,6 +297,9 @@ def main():
     unknown = set(arms) - set(ARMS)
     if unknown:
         raise SystemExit(f"--arms: unknown {sorted(unknown)}; choose from {', '.join(ARMS)}")
+    if "torch" in arms and importlib.util.find_spec("torch") is None:
+        print("torch is not installed: the PyTorch arm is left out (pip install -e '.[bench]').")
+        arms.remove("torch")
     seeds = [int(s) for s in args.seeds.split(",")]
     from keras_ft import weights
 

@@ -99,7 +99,9 @@ def assemble(spec: spec_lib.RunSpec, strategy: tf.distribute.Strategy | None = N
     batch = distribute.check_batch_size(spec.train.global_batch_size, strategy)
     logging.info("Strategy %s.", distribute.describe(strategy))
     policy, why = precision.resolve(spec.train.precision, spec.model.backbone)
-    logging.info("Precision %s (%s); XLA jit_compile=%s.", policy, why, spec.train.jit_compile)
+    if spec.train.precision == "auto":
+        policy = f"{policy} ({why})"
+    logging.info("Precision %s; XLA jit_compile=%s.", policy, spec.train.jit_compile)
     o = spec.optimizer
     if o.rate != o.learning_rate:
         logging.info(
