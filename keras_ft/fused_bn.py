@@ -1,0 +1,71 @@
+"""Inference-mode BatchNorm as one fused op, in the activations' own dtype.
+
+Keras 3 runs a BatchNormalization layer in inference mode (frozen: keras_ft's
+`freeze.batchnorm="frozen"`, evaluation, the export) as separate elementwise
+ops, after casting bfloat16/float16 inputs to float32 and back. When its
+γ/β train, the backward pass adds a reduction per variable over the whole
+activation. Under `mixed_bfloat16` on a CPU that is a float32 round trip of
+every activation at every BatchNorm layer, and it is what kept TensorFlow's
+bfloat16 speed-up far below PyTorch's on the same cores
+(benchmarks/README.md).
+
+`install(model)` gives each eligible BatchNormalization layer a call that,
+in inference mode, computes the same function with TensorFlow's
+`FusedBatchNormV3` (`is_training=False`): one pass forward, one backward
+(`FusedBatchNormGradV3` yields the input, γ and β gradients together), on
+the bfloat16 activations directly, with the statistics, γ and β in float32
+as Keras keeps them. In training mode (batch statistics), or for a layer it
+cannot take (not the channels-last 4-D case, masked, synchronized), the
+layer's own Keras call runs. Nothing is saved differently: the override is
+not part of the layer's config, so a reloaded model computes with Keras'
+op sequence (the same function; float32 results agree to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+MIN_EPSILON = 1.001e-5  # tf.compat.v1.nn.fused_batch_norm's floor
+
+
+def _eligible(layer) -> bool:
+    return (isinstance(layer, keras.layers.BatchNormalization)
+            and not getattr(layer, "synchronized", False)
+            and layer.axis in (-1, 3) and not getattr(layer, "renorm", False))
+
+
+def install(model: keras.Model) -> int:
+    """Fuses the inference-mode BatchNorm of `model`'s layers; returns how
+    many layers now use it (idempotent)."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False):
+        if not _eligible(layer) or getattr(layer, "_keras_ft_fused", False):
+            continue
+        keras_call = layer.call
+
+        def call(inputs, training=None, mask=None, _layer=layer, _keras_call=keras_call):
+            if ((training and _layer.trainable) or mask is not None or len(inputs.shape) != 4
+                    or _layer.axis not in (-1, 3)):
+                return _keras_call(inputs, training=training, mask=mask)
+            return _fused_inference(_layer, inputs)
+
+        layer.call = call
+        layer._keras_ft_fused = True
+        count += 1
+    return count
+
+
+def _fused_inference(layer, inputs):
+    channels = inputs.shape[-1]
+    scale = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones([channels])
+    offset = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros([channels])
+    # The fused op raises epsilon to at least 1.001e-5 (PyTorch's weights use
+    # 1e-5): the difference moves into the variance, so var + eps is the same.
+    epsilon = max(float(layer.epsilon), MIN_EPSILON)
+    variance = tf.cast(layer.moving_variance, tf.float32) + (float(layer.epsilon) - epsilon)
+    outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        inputs, scale, offset, mean=tf.cast(layer.moving_mean, tf.float32), variance=variance,
+        epsilon=epsilon, is_training=False, data_format="NHWC")
+    return outputs
