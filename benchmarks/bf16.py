@@ -220,7 +220,11 @@ def main():
             print(f"{v}: profiled run ...", flush=True)
             with tempfile.TemporaryDirectory(prefix="keras_ft_profile_") as d:
                 run_worker(v, args, verbose=False, profile_dir=d)
-                entry["tf_ops_ms"] = tf_op_breakdown(d, args.steps)
+                try:
+                    entry["tf_ops_ms"] = tf_op_breakdown(d, args.steps)
+                except Exception as e:  # the trace format is TensorFlow's, not ours
+                    entry["tf_ops_error"] = f"{type(e).__name__}: {e}"
+                    print(f"{v}: could not read the profile: {entry['tf_ops_error']}", flush=True)
         results["variants"][v] = entry
     results["wall_seconds"] = time.time() - start
     report = table(results)

@@ -276,6 +276,8 @@ def main():
     parser.add_argument("--keras_ft_head_epochs", type=int, default=6)
     parser.add_argument("--guide_head_epochs", type=int, default=4)
     parser.add_argument("--out", default=_results.default_path("time_to_accuracy"))
+    parser.add_argument("--summarize", metavar="JSON",
+                        help="recompute the tables of a finished run for --target, without training")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -289,6 +291,13 @@ def main():
         points = ARM_FUNCTIONS[args.arm](args.data, args.per_class, args.seed, args.budget, args)
         print(json.dumps(points))
         return
+
+    if args.summarize:  # another target over runs already made: no training
+        with open(args.summarize) as f:
+            results = json.load(f)
+        runs = {arm: {int(k): v for k, v in by_seed.items()} for arm, by_seed in results["runs"].items()}
+        results.update(target=args.target, summary=summary(runs, args.target, results["budget"]))
+        return report(results, args)
 
     from launch import cli
 
@@ -331,13 +340,17 @@ def main():
         "machine": f"{os.cpu_count()} CPU cores", "runs": runs,
         "summary": summary(runs, args.target, args.budget), "wall_seconds": time.time() - start,
     }
-    report = table(results)
-    print("\n" + report)
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    text = table(results)
+    print("\n" + text)
     _results.write(results, args.out)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"<!-- python -m benchmarks.time_to_accuracy --per_class={args.per_class} "
-                f"--budget={args.budget:.0f} --seeds={args.seeds} --target={args.target} -->\n\n"
-                + report)
+        f.write(f"<!-- python -m benchmarks.time_to_accuracy --per_class={results['per_class']} "
+                f"--budget={results['budget']:.0f} --seeds={','.join(map(str, results['seeds']))} "
+                f"--target={results['target']} -->\n\n" + text)
 
 
 if __name__ == "__main__":

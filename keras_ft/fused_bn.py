@@ -26,6 +26,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_ft import backbones
+
 
 MIN_EPSILON = 1.001e-5  # tf.compat.v1.nn.fused_batch_norm's floor
 
@@ -40,7 +42,7 @@ def install(model: keras.Model) -> int:
     """Fuses the inference-mode BatchNorm of `model`'s layers; returns how
     many layers now use it (idempotent)."""
     count = 0
-    for layer in model._flatten_layers(include_self=False):
+    for layer in backbones.all_layers(model):
         if not _eligible(layer) or getattr(layer, "_keras_ft_fused", False):
             continue
         keras_call = layer.call

@@ -123,12 +123,14 @@ def test_block_lr_multipliers_scale_each_blocks_update():
         # (neighbouring blocks differ by 2x).
         fitted = float(np.sum(delta * g) / np.sum(g * g)) / -lr
         assert fitted == pytest.approx(multiplier, rel=1e-2), (v.path, fitted, multiplier)
-        # Against the same step without multipliers (the same graph and
-        # gradients): every element, up to the rounding of θ in float32.
+        # Against the same step without multipliers: every element, up to the
+        # rounding of θ in float32 and of a gradient through a block that
+        # trains in one model and not the other (0.1% of the largest update).
         plain_delta = p.numpy() - before[v.path]
         np.testing.assert_allclose(
             delta, multiplier * plain_delta, rtol=1e-3,
-            atol=4 * np.finfo(np.float32).eps * np.abs(before[v.path]).max(), err_msg=v.path,
+            atol=max(4 * np.finfo(np.float32).eps * np.abs(before[v.path]).max(),
+                     1e-3 * multiplier * np.abs(plain_delta).max()), err_msg=v.path,
         )
         checked.add(block)
     assert {"head", "block_15", "block_16", "Conv_1"} <= checked
