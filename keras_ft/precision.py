@@ -17,10 +17,12 @@ newer).
 from __future__ import annotations
 
 # Backbone -> mixed_bfloat16 / float32 train-step images/s on a 2-core
-# Xeon with AVX512-BF16 and AMX (TensorFlow 2.21, oneDNN 3.7), 128 px.
+# Xeon with AVX512-BF16 and AMX (TensorFlow 2.21, oneDNN 3.7), 128 px,
+# BatchNorm fused (keras_ft.fused_bn): 46.6 / 30.1 and 90.2 / 110.6
+# (benchmarks/results/suite_cpu_fused_bn.md).
 BF16_SPEEDUP_AMX_CPU = {
-    "resnet50": 1.39,
-    "mobilenet_v2": 0.77,
+    "resnet50": 1.55,
+    "mobilenet_v2": 0.82,
 }
 # Backbones that share a measured one's building blocks (and so its ratio).
 SAME_BLOCKS = {"resnet101": "resnet50", "resnet152": "resnet50"}
