@@ -217,8 +217,9 @@ ARM_FUNCTIONS = {"keras_ft": arm_keras_ft, "keras_guide": arm_keras_guide, "torc
 # ------------------------------------------------------------------ report
 
 
-def time_to(points, target):
-    return next((t for t, a in points if a >= target), None)
+def time_to(points, target, budget):
+    """Seconds to the first epoch at `target` or better, within the budget."""
+    return next((t for t, a in points if a >= target and t <= budget), None)
 
 
 def at_budget(points, budget):
@@ -229,7 +230,7 @@ def at_budget(points, budget):
 def summary(runs: dict, target: float, budget: float) -> dict:
     out = {}
     for arm, by_seed in runs.items():
-        times = [time_to(p, target) for p in by_seed.values()]
+        times = [time_to(p, target, budget) for p in by_seed.values()]
         finals = [at_budget(p, budget) for p in by_seed.values()]
         reached = [t for t in times if t is not None]
         out[arm] = {
