@@ -402,8 +402,7 @@ def main():
     path = args.out or _results.default_path(f"suite_{args.suite}")
     _results.write(results, path)
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
-        f.write(f"<!-- python -m benchmarks.run --suite={args.suite} --rounds={args.rounds} "
-                f"--steps={args.steps} -->\n\n" + report)
+        f.write(f"<!-- python -m benchmarks.run {' '.join(sys.argv[1:])} -->\n\n" + report)
 
 
 def check_gpu() -> None:
