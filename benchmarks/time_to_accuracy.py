@@ -101,20 +101,25 @@ class Curve:
         print(f"  {elapsed:6.1f} s  val_accuracy {accuracy:.4f}", file=sys.stderr, flush=True)
         return elapsed < self.budget
 
+    def keras_callback(self):
+        """A Keras callback that records each epoch and stops at the budget."""
+        import keras
+
+        curve = self
+
+        class Clock(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if not curve.add(logs["val_accuracy"]):
+                    self.model.stop_training = True
+
+        return Clock()
+
 
 def arm_keras_ft(data_path, per_class, seed, budget, args) -> list:
-    import keras
-
     from configs import quickstart
     from keras_ft import trainer
 
     curve = Curve(budget)
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if not curve.add(logs["val_accuracy"]):
-                self.model.stop_training = True
-
     config = quickstart.get_config()
     config.data.source = source(per_class)
     config.seed = seed
@@ -128,7 +133,7 @@ def arm_keras_ft(data_path, per_class, seed, budget, args) -> list:
     config.export.enabled = False
     config.train.fail_at_chance = False
     with tempfile.TemporaryDirectory(prefix="keras_ft_tta_") as workdir:
-        trainer.train(config, workdir, extra_callbacks=(Clock(),))
+        trainer.train(config, workdir, extra_callbacks=(curve.keras_callback(),))
     return curve.points
 
 
@@ -151,14 +156,9 @@ def arm_keras_guide(data_path, per_class, seed, budget, args) -> list:
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(0.2)(x)
     model = keras.Model(inputs, keras.layers.Dense(10)(x))
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if not curve.add(logs["val_accuracy"]):
-                self.model.stop_training = True
-
     fit = dict(x=data["train_x"], y=data["train_y"], batch_size=BATCH,
-               validation_data=(data["val_x"], data["val_y"]), verbose=0, callbacks=[Clock()])
+               validation_data=(data["val_x"], data["val_y"]), verbose=0,
+               callbacks=[curve.keras_callback()])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(optimizer=keras.optimizers.Adam(), loss=loss, metrics=["accuracy"])
     model.fit(epochs=args.guide_head_epochs, **fit)

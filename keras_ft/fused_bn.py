@@ -50,7 +50,7 @@ def install(model: keras.Model) -> int:
 
         def call(inputs, training=None, mask=None, _layer=layer, _keras_call=keras_call):
             if ((training and _layer.trainable) or mask is not None or len(inputs.shape) != 4
-                    or _layer.axis not in (-1, 3) or inputs.dtype not in FUSED_DTYPES):
+                    or inputs.dtype not in FUSED_DTYPES):
                 return _keras_call(inputs, training=training, mask=mask)
             return _fused_inference(_layer, inputs)
 
