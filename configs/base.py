@@ -232,9 +232,17 @@ def get_config(arg=None):
     # train.epochs. Presets: keras_ft.stages (head, last_k_blocks, all_blocks,
     # gradual, lp_ft).
     config.freeze.stages = (dict(epochs=1, blocks=0, lr_scale=1.0),)
-    config.freeze.batchnorm = "frozen"  # "frozen" (inference mode, statistics
-    #   fixed; γ/β train with their block), "trainable", or "reestimate"
-    #   (recompute the statistics on training images first, then frozen)
+    config.freeze.batchnorm = "auto"  # "auto": BatchNorm layers in the blocks a
+    #   stage trains normalise with batch statistics, those of frozen blocks run
+    #   in inference mode (as "trainable"), when each layer normalises at
+    #   least 16 examples per step; with fewer, as "frozen" (the log says which,
+    #   per stage, and why). "frozen": every layer in inference mode, statistics
+    #   fixed (γ/β train with their block); training the lowest blocks this way
+    #   can diverge (docs/batchnorm.md). "trainable"; "reestimate" (recompute
+    #   the statistics on training images first, then frozen)
+    config.freeze.bn_momentum = 0.9  # momentum of the moving statistics of layers
+    #   on batch statistics (PyTorch's 0.1 = 0.9 here); 0 = each layer's own
+    #   (Keras' MobileNetV2: 0.999, ResNet: 0.99)
     config.freeze.reestimate_batches = 20  # batches used by "reestimate"
     config.freeze.precise_bn = "final"  # BatchNorm layers that train on batch
     #   statistics ("trainable") get moving statistics recomputed under the

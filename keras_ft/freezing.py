@@ -9,6 +9,12 @@ variable, so nothing is recompiled and variables that were already training
 keep their velocity.
 
 BatchNorm policy (`BN_POLICIES`):
+    auto        the default: as `trainable` when each BatchNorm layer
+                normalises at least `AUTO_MIN_BATCH` examples per step (the
+                batch per replica, or the global batch with synchronized
+                BatchNorm), else as `frozen` (batch statistics of a few
+                examples are noise). `resolve_batchnorm` decides, once per
+                run, and says why.
     frozen      every BatchNorm layer runs in inference mode and its moving
                 statistics never change, even in blocks that otherwise train
                 (the Keras transfer-learning guide's advice); γ and β still
@@ -18,6 +24,22 @@ BatchNorm policy (`BN_POLICIES`):
     reestimate  before training, the moving statistics of every BatchNorm
                 layer are recomputed on target data (`reestimate_batchnorm`);
                 then as `frozen`.
+
+Why `auto` and not `frozen` (docs/batchnorm.md has the measurements): in
+inference mode a BatchNorm channel multiplies what reaches it by
+γ/sqrt(var + ε), and pretrained networks have channels whose moving
+variance is tiny (the imported MobileNetV2: gains up to 1,902). Once the
+convolutions below such a channel train, its output moves up to that many
+times as far, and fine-tuning every block under `frozen` collapsed to
+chance on some seeds. On batch statistics the same layer rescales whatever
+reaches it, so it cannot amplify a change of the weights below it: what
+PyTorch's `model.train()` gives, and what the field's all-layer recipes use.
+Frozen blocks stay in inference mode either way (their statistics are the
+pretrained ones, which the blocks above were trained on). Layers on batch
+statistics update their moving statistics with momentum `bn_momentum`
+(default 0.9, PyTorch's 0.1): Keras' MobileNetV2 uses 0.999, whose moving
+statistics still hold 80% of ImageNet's after 200 steps, so every epoch's
+validation until precise BN would measure a model that does not exist.
 
 Precise BN (`PRECISE_BN`, `PreciseBatchNorm`): a layer that trains on batch
 statistics leaves moving statistics that lag the weights (Keras'
@@ -52,7 +74,12 @@ from absl import logging
 from keras_ft import backbones, callbacks, checkpoint, optim, stages as stages_lib
 from keras_ft.stages import Stage
 
-BN_POLICIES = ("frozen", "trainable", "reestimate")
+BN_POLICIES = ("auto", "frozen", "trainable", "reestimate")
+BN_MOMENTUM = 0.9  # freeze.bn_momentum's default (PyTorch's momentum=0.1)
+AUTO_MIN_BATCH = 16  # examples a BatchNorm layer must normalise over for "auto"
+#   to use batch statistics. Wu & He (2018, "Group Normalization", fig. 1):
+#   ImageNet error of a BatchNorm ResNet-50 is flat from 32 down to 16 images
+#   per replica and rises below (+0.9 points at 8, +4.9 at 4)
 PRECISE_BN = ("final", "every_epoch", "off")
 METHODS = ("full", "bitfit", "bn_only", "lora")
 
@@ -78,6 +105,59 @@ def _check(value: str, valid: Sequence[str], what: str) -> None:
 BN_ONLY_WITHOUT_BATCHNORM = (
     "freeze.method='bn_only' trains BatchNorm layers, and this backbone has none (a "
     "transformer normalises with LayerNorm): use 'bitfit' or 'lora'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormPolicy:
+    """How BatchNorm layers run: the `freeze.batchnorm` policy of a run,
+    resolved (`resolve_batchnorm`).
+
+    Attributes:
+        name: the configured policy, one of `BN_POLICIES`.
+        batch_statistics: layers in the blocks a stage trains normalise with
+            batch statistics (else every backbone layer is in inference mode).
+        momentum: the momentum of those layers' moving statistics, or None
+            to keep each layer's own.
+        reason: why, for the log (empty unless `name` is "auto").
+    """
+
+    name: str
+    batch_statistics: bool
+    momentum: float | None = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        """E.g. "auto: batch statistics where blocks train (32 examples ...)"."""
+        what = "batch statistics where blocks train" if self.batch_statistics else (
+            "inference mode everywhere")
+        return f"{self.name}: {what}" + (f" ({self.reason})" if self.reason else "")
+
+
+def resolve_batchnorm(
+    policy: "str | BatchNormPolicy",
+    examples_per_norm: int | None = None,
+    momentum: float = BN_MOMENTUM,
+) -> BatchNormPolicy:
+    """`freeze.batchnorm` for a run whose BatchNorm layers each normalise
+    `examples_per_norm` examples per step (the batch per replica, or the
+    global batch with synchronized BatchNorm; None: unknown, taken as
+    enough). `momentum` is `freeze.bn_momentum` (0 = each layer's own)."""
+    if isinstance(policy, BatchNormPolicy):
+        return policy
+    _check(policy, BN_POLICIES, "freeze.batchnorm")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"freeze.bn_momentum must be in [0, 1), got {momentum}.")
+    kept = momentum or None
+    if policy != "auto":
+        return BatchNormPolicy(policy, policy == "trainable", kept)
+    if examples_per_norm is None or examples_per_norm >= AUTO_MIN_BATCH:
+        enough = "" if examples_per_norm is None else (
+            f"{examples_per_norm} examples per BatchNorm layer and step >= {AUTO_MIN_BATCH}")
+        return BatchNormPolicy("auto", True, kept, enough)
+    return BatchNormPolicy("auto", False, kept, (
+        f"{examples_per_norm} examples per BatchNorm layer and step < {AUTO_MIN_BATCH}: batch "
+        "statistics would be noise; a larger batch, or distribute.sync_batchnorm over "
+        "replicas, lets it use them"))
 
 
 def _is_bn(layer) -> bool:
@@ -115,7 +195,7 @@ def apply_stage(
     model,
     stage: Stage,
     method: str = "full",
-    bn_policy: str = "frozen",
+    bn_policy: "str | BatchNormPolicy" = "auto",
     block_lr: Sequence[float] | None = None,
 ) -> StageInfo:
     """Makes `model` (a `keras_ft.model.FineTuneModel`) train what `stage` says.
@@ -125,7 +205,8 @@ def apply_stage(
         stage: which blocks train, and the stage's learning-rate scale (set on
             the optimizer, if it is built).
         method: one of `METHODS`.
-        bn_policy: one of `BN_POLICIES`.
+        bn_policy: one of `BN_POLICIES` ("auto" as "trainable"), or a
+            `BatchNormPolicy` from `resolve_batchnorm`.
         block_lr: per-block learning-rate multipliers, stem first (see
             `keras_ft.stages.block_lr_multipliers`); a block at 0 is frozen.
 
@@ -133,7 +214,7 @@ def apply_stage(
         The stage's parameter counts.
     """
     _check(method, METHODS, "freeze.method")
-    _check(bn_policy, BN_POLICIES, "freeze.batchnorm")
+    bn = resolve_batchnorm(bn_policy)
     blocks = model.block_map()
     if block_lr is not None and len(block_lr) != len(blocks):
         raise ValueError(f"block_lr has {len(block_lr)} entries for {len(blocks)} blocks.")
@@ -149,7 +230,9 @@ def apply_stage(
             lowest = block
         for layer in layers:
             # Keras runs BatchNorm in inference mode when trainable is False.
-            layer.trainable = trains and (not _is_bn(layer) or bn_policy == "trainable")
+            layer.trainable = trains and (not _is_bn(layer) or bn.batch_statistics)
+            if _is_bn(layer) and layer.trainable and bn.momentum is not None:
+                layer.momentum = bn.momentum
             for v in layer.weights:
                 if v.path not in tunable:
                     continue
@@ -251,13 +334,19 @@ def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
             # that batch's statistics, read out and summed here. One device's
             # batch: no all-reduce (and no replica context needed).
             l.trainable, l.momentum, l.synchronized = True, 0.0, False
+        # One traced forward pass per batch (eager calls cost ~10x as much).
+        @tf.function(reduce_retracing=True)
+        def batch_statistics(x):
+            model(x, training=True)
+            return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+
         for batch in dataset.take(num_batches):
-            model(batch[0], training=True)
+            statistics = batch_statistics(batch[0])
             size = int(tf.shape(batch[0])[0])  # examples, weighting the batch
-            for total, l in zip(sums, layers):
-                mean = l.moving_mean.numpy().astype(np.float64)
+            for total, (mean, variance) in zip(sums, statistics):
+                mean = mean.numpy().astype(np.float64)
                 total[0] += size * mean
-                total[1] += size * (l.moving_variance.numpy().astype(np.float64) + mean**2)
+                total[1] += size * (variance.numpy().astype(np.float64) + mean**2)
             seen, weight = seen + 1, weight + size
         if not seen:
             raise ValueError("The dataset gave no batch to compute BatchNorm statistics from.")
@@ -402,8 +491,10 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
     Args:
         stages: the schedule (`Stage`s or config dicts).
         method: one of `METHODS`.
-        bn_policy: one of `BN_POLICIES` (re-estimation itself is done before
-            `fit`, by `reestimate_batchnorm`).
+        bn_policy: one of `BN_POLICIES` ("auto" as "trainable": pass
+            `resolve_batchnorm(policy, batch_per_replica)` to have "auto" check
+            the batch size), or a `BatchNormPolicy`. Re-estimation itself is
+            done before `fit`, by `reestimate_batchnorm`.
         block_lr: per-block learning-rate multipliers, stem first.
         steps_per_epoch: the run's steps per epoch, for stages measured in
             steps (default: the `steps_per_epoch` given to `fit()`).
@@ -413,16 +504,15 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         self,
         stages: Sequence,
         method: str = "full",
-        bn_policy: str = "frozen",
+        bn_policy: "str | BatchNormPolicy" = "auto",
         block_lr: Sequence[float] | None = None,
         steps_per_epoch: int | None = None,
     ):
         super().__init__()
         self.stages = stages_lib.parse(stages)
         _check(method, METHODS, "freeze.method")
-        _check(bn_policy, BN_POLICIES, "freeze.batchnorm")
         self.method = method
-        self.bn_policy = bn_policy
+        self.bn_policy = resolve_batchnorm(bn_policy)
         self.block_lr = block_lr
         self.steps_per_epoch = steps_per_epoch
         self.current = None
@@ -464,12 +554,31 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         self.batch_statistics = len(batch_statistics_layers(self.model))
         self.current = index
         logging.info(
-            "Stage %d/%d at epoch %d: %s, method %s; %s of %s parameters train (%.2f%%)%s.",
+            "Stage %d/%d at epoch %d: %s, method %s; %s of %s parameters train (%.2f%%)%s; %s.",
             index + 1, len(self.stages), self._epoch + 1, stage.describe(), self.method,
             f"{self.info.trainable_params:,}", f"{self.info.total_params:,}",
             100 * self.info.fraction,
             f", down to block {self.info.lowest_block}" if self.info.lowest_block else "",
+            describe_batchnorm(self.model, self.bn_policy),
         )
+
+
+def describe_batchnorm(model, policy: BatchNormPolicy) -> str:
+    """What the backbone's BatchNorm layers do in the stage now applied, and
+    why, for the stage's log line."""
+    layers = [l for _, block in model.block_map() for l in block if _is_bn(l)]
+    if not layers:
+        return "no BatchNorm layer in the backbone"
+    on_batch = [l for l in layers if l.trainable]
+    head = f"BatchNorm {policy.name}"
+    why = f" ({policy.reason})" if policy.reason else ""
+    if not on_batch:
+        if policy.batch_statistics:
+            return f"{head}: all {len(layers)} layer(s) in inference mode (no block trains)"
+        return f"{head}: all {len(layers)} layer(s) in inference mode{why}"
+    momentum = f"momentum {on_batch[0].momentum:g}"
+    return (f"{head}: {len(on_batch)} layer(s) in the trained blocks on batch statistics "
+            f"({momentum}), {len(layers) - len(on_batch)} in inference mode{why}")
 
 
 class BlockDrift(keras.callbacks.Callback):

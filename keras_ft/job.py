@@ -31,6 +31,7 @@ class Job:
     reference: list  # θ0, the weights as loaded (L2-SP, drift), checkpointed
     block_lr: list | None  # discriminative rate multipliers, top block first
     steps_per_epoch: int
+    batchnorm: freezing.BatchNormPolicy  # freeze.batchnorm, resolved for this batch
 
     @property
     def batch(self) -> int:
@@ -40,6 +41,21 @@ class Job:
     def total_steps(self) -> int:
         """The run's optimizer updates."""
         return self.spec.total_steps(self.steps_per_epoch)
+
+    def apply_stage(self, index: int) -> freezing.StageInfo:
+        """Puts the model in stage `index` of the schedule (`freezing.apply_stage`)."""
+        f = self.spec.freeze
+        return freezing.apply_stage(self.model, f.stages[index], f.method, self.batchnorm,
+                                    self.block_lr)
+
+
+def batchnorm_policy(spec: spec_lib.RunSpec, replicas: int) -> freezing.BatchNormPolicy:
+    """`freeze.batchnorm` resolved for the examples each BatchNorm layer
+    normalises per step: the batch per replica, or the global batch when
+    `distribute.sync_batchnorm` computes statistics across replicas."""
+    batch = spec.train.global_batch_size
+    per_norm = batch if spec.distribute.sync_batchnorm else batch // replicas
+    return freezing.resolve_batchnorm(spec.freeze.batchnorm, per_norm, spec.freeze.bn_momentum)
 
 
 def build_model(
@@ -135,7 +151,9 @@ def assemble(spec: spec_lib.RunSpec, strategy: tf.distribute.Strategy | None = N
     if spec.freeze.lr_decay != 1.0:
         num_blocks = len(model.block_map())
         block_lr = stages_lib.block_lr_multipliers(num_blocks, spec.freeze.lr_decay)
-    return Job(spec, task, strategy, data, model, reference, block_lr, steps_per_epoch)
+    bn = batchnorm_policy(spec, strategy.num_replicas_in_sync)
+    logging.info("BatchNorm policy %s.", bn.describe())
+    return Job(spec, task, strategy, data, model, reference, block_lr, steps_per_epoch, bn)
 
 
 def reestimate_if_configured(job: Job) -> None:
@@ -154,13 +172,12 @@ def enter_final_stage(job: Job) -> None:
     last = stages_lib.stage_index(
         f.stages, job.spec.train.epochs - 1, job.total_steps - 1, job.steps_per_epoch
     )
-    freezing.apply_stage(job.model, f.stages[last], f.method, f.batchnorm, job.block_lr)
+    job.apply_stage(last)
 
 
 def enter_first_stage(job: Job) -> None:
     """Puts the model in the first freezing stage (what the range test measures)."""
-    f = job.spec.freeze
-    freezing.apply_stage(job.model, f.stages[0], f.method, f.batchnorm, job.block_lr)
+    job.apply_stage(0)
 
 
 def load_trained(

@@ -35,7 +35,7 @@ import os
 
 from absl import logging
 
-from keras_ft import freezing, lr_finder
+from keras_ft import lr_finder
 
 
 @dataclasses.dataclass
@@ -80,12 +80,12 @@ def find(job, directory: str, title: str) -> StageRates:
     f, finder = job.spec.freeze, job.spec.optimizer.lr_find
     tests = {}
     for i in tested(f.stages):
-        freezing.apply_stage(job.model, f.stages[i], f.method, f.batchnorm, job.block_lr)
+        job.apply_stage(i)
         logging.info("LR range test, stage %d: %s.", i + 1, f.stages[i].describe())
         tests[i] = lr_finder.find_learning_rate(
             job.model, job.data.train_stream(), finder.start_lr, finder.end_lr, finder.steps
         )
-    freezing.apply_stage(job.model, f.stages[0], f.method, f.batchnorm, job.block_lr)
+    job.apply_stage(0)
     rates = StageRates(
         tests[0].suggestion, factors_from(f.stages, {i: t.suggestion for i, t in tests.items()}),
         tests,

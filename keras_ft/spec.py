@@ -140,6 +140,7 @@ class ScheduleSpec:
 class FreezeSpec:
     stages: tuple[stages_lib.Stage, ...]
     batchnorm: str
+    bn_momentum: float
     reestimate_batches: int
     precise_bn: str
     precise_bn_batches: int
@@ -375,6 +376,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     freeze = FreezeSpec(
         stages=tuple(stages_lib.parse(f.stages)),
         batchnorm=checks.choice(f.batchnorm, "freeze.batchnorm", freezing.BN_POLICIES),
+        bn_momentum=checks.number(f.bn_momentum, "freeze.bn_momentum", 0, 1, open_high=True,
+                                  note=" (0 = each layer's own)"),
         reestimate_batches=checks.integer(f.reestimate_batches, "freeze.reestimate_batches", 1),
         precise_bn=checks.choice(f.precise_bn, "freeze.precise_bn", freezing.PRECISE_BN),
         precise_bn_batches=checks.integer(f.precise_bn_batches, "freeze.precise_bn_batches", 1),

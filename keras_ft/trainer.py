@@ -144,7 +144,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
 
     # --------------------------------------------------------------------- fit
     schedule = freezing.StageSchedule(
-        list(spec.freeze.stages), spec.freeze.method, spec.freeze.batchnorm, job.block_lr,
+        list(spec.freeze.stages), spec.freeze.method, job.batchnorm, job.block_lr,
         job.steps_per_epoch,
     )
     throughput = callbacks.Throughput(job.batch)
