@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Sequence
 
 import keras
@@ -334,12 +335,7 @@ def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
             # that batch's statistics, read out and summed here. One device's
             # batch: no all-reduce (and no replica context needed).
             l.trainable, l.momentum, l.synchronized = True, 0.0, False
-        # One traced forward pass per batch (eager calls cost ~10x as much).
-        @tf.function(reduce_retracing=True)
-        def batch_statistics(x):
-            model(x, training=True)
-            return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
-
+        batch_statistics = _statistics_function(model, layers)
         for batch in dataset.take(num_batches):
             statistics = batch_statistics(batch[0])
             size = int(tf.shape(batch[0])[0])  # examples, weighting the batch
@@ -366,6 +362,26 @@ def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
         for v, value in zip(rng, rng_values):
             v.assign(value)
     return seen
+
+
+_TRACED = weakref.WeakKeyDictionary()  # model -> {layers and modes: traced forward pass}
+
+
+def _statistics_function(model, layers):
+    """A traced forward pass of `model` in training mode returning `layers`'
+    moving statistics (an eager pass costs ~10x as much). Traced once per
+    model and set of modes: the layers' momentum 0 is part of the trace."""
+    key = tuple(id(l) for l in layers) + tuple(
+        l.trainable for l in backbones.all_layers(model) if _is_bn(l))
+    traced = _TRACED.setdefault(model, {})
+    if key not in traced:
+        @tf.function(reduce_retracing=True)
+        def batch_statistics(x):
+            model(x, training=True)
+            return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+
+        traced[key] = batch_statistics
+    return traced[key]
 
 
 def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:

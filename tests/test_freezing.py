@@ -98,8 +98,9 @@ def test_block_lr_multipliers_scale_each_blocks_update():
     names = [b for b, _ in backbones.block_map(model.backbone, "mobilenet_v2")]
     block_lr = stages.block_lr_multipliers(len(names), 0.5)
     block_lr[names.index("block_14")] = 0.0  # multiplier 0 freezes a block
-    freezing.apply_stage(model, Stage(epochs=1, blocks=4), block_lr=block_lr)
-    freezing.apply_stage(plain, Stage(epochs=1, blocks=4))
+    # BatchNorm frozen: the step is then a function of the weights alone.
+    freezing.apply_stage(model, Stage(epochs=1, blocks=4), bn_policy="frozen", block_lr=block_lr)
+    freezing.apply_stage(plain, Stage(epochs=1, blocks=4), bn_policy="frozen")
     x, y = batch()
     variables = model.stage_variables()
     with tf.GradientTape() as tape:
@@ -224,7 +225,10 @@ def test_parameter_efficient_methods_train_only_what_they_claim(method):
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
     head = {v.path for v in model.head.weights}
-    changed = {v.path for v in model.weights if not np.array_equal(before[v.path], v.numpy())}
+    # Trained variables only: BatchNorm in the trained blocks normalises with
+    # batch statistics ("auto"), so its moving statistics move too.
+    changed = {v.path for v in model.weights if not np.array_equal(before[v.path], v.numpy())
+               and "moving_" not in v.path}
     assert head <= changed
     for path in changed - head:
         leaf = path.rsplit("/", 1)[-1]

@@ -166,8 +166,13 @@ def test_a_run_validates_and_exports_the_average(ema_run):
     served = tf.saved_model.load(result.export_path).signatures["serving_uint8"]
     x = np.round(noise_images(4, seed=9)).astype(np.uint8)
     expected = tf.nn.softmax(model(x.astype(np.float32), training=False)).numpy()
-    np.testing.assert_allclose(served(images=tf.constant(x))["probabilities"].numpy(), expected,
-                               atol=1e-5)
+    with model.ema.swapped():
+        trained = tf.nn.softmax(model(x.astype(np.float32), training=False)).numpy()
+    got = served(images=tf.constant(x))["probabilities"].numpy()
+    # Rounding (graph vs eager kernels): measured up to 1.4e-5; the trained
+    # weights' probabilities are far further off.
+    np.testing.assert_allclose(got, expected, atol=3e-5)
+    assert np.abs(trained - expected).max() > 10 * 3e-5
     # launch.evaluate and launch.export see the same weights.
     from keras_ft import job
 

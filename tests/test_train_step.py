@@ -30,7 +30,7 @@ def _softmax(z):
 
 def _compiled(blocks, momentum, nesterov):
     model = tiny_classifier(3, dropout=0.0)
-    freezing.apply_stage(model, freezing.Stage(epochs=1, blocks=blocks))  # BatchNorm frozen
+    freezing.apply_stage(model, freezing.Stage(epochs=1, blocks=blocks), bn_policy="frozen")
     model.compile(
         keras_ft.SGD(LR, momentum=momentum, nesterov=nesterov, weight_decay=WEIGHT_DECAY),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
