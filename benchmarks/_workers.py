@@ -14,10 +14,13 @@ Every worker trains on the same synthetic batch (seed 0, uniform pixels,
 random labels), so the input pipeline is not measured.
 
 Variants (`FRAMEWORK/OPTION/PRECISION`):
-- `keras_ft/frozen|trainable/float32|bfloat16`: keras_ft's own model and
-  optimizer as `launch.train` builds them (`keras_ft.job.build_model`), its
-  train step, the stage set by `keras_ft.freezing.apply_stage` with that
-  BatchNorm policy.
+- `keras_ft/frozen|trainable|auto/float32|bfloat16`: keras_ft's own model
+  and optimizer as `launch.train` builds them (`keras_ft.job.build_model`),
+  its train step, the stage set by `keras_ft.freezing.apply_stage` with that
+  BatchNorm policy ("auto" at the benchmark's batch of 32 uses batch
+  statistics where blocks train, as "trainable" does, with momentum 0.9).
+  The `+keras_bn` suffix runs training-mode BatchNorm with Keras' own ops
+  instead of keras_ft's fused op (`keras_ft.fused_bn.FUSE_TRAINING`).
 - `keras/trainable|frozen_bn/float32|bfloat16`: the same network as plain
   Keras builds it, `compile()` with `keras.optimizers.SGD(momentum=0.9)`,
   the train function `fit()` runs. `trainable`: BatchNorm layers train
@@ -53,7 +56,8 @@ LAST_BLOCKS = {"resnet50": 1, "mobilenet_v2": 3}
 # framework starts. oneDNN's default floating-point math mode BF16 lets
 # float32 convolutions and matrix products compute on bfloat16 units (AMX)
 # with float32 inputs, outputs and accumulation.
-SUFFIXES = {"+fpmath_bf16": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}}
+SUFFIXES = {"+fpmath_bf16": {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"},
+            "+keras_bn": {"KERAS_FT_BENCH_KERAS_BN": "1"}}
 
 
 def parse(variant: str) -> tuple[str, str, str]:
@@ -62,7 +66,7 @@ def parse(variant: str) -> tuple[str, str, str]:
     for suffix in SUFFIXES:
         variant = variant.removesuffix(suffix)
     parts = variant.split("/")
-    options = {"keras_ft": ("frozen", "trainable"), "keras": ("trainable", "frozen_bn"),
+    options = {"keras_ft": ("frozen", "trainable", "auto"), "keras": ("trainable", "frozen_bn"),
                "torch": ("default", "channels_last")}
     if (len(parts) != 3 or parts[0] not in options or parts[1] not in options[parts[0]]
             or parts[2] not in ("float32", "bfloat16")):
@@ -127,9 +131,10 @@ def keras_ft_worker(backbone, image_size, batch_size, option, precision, modes):
     import tensorflow as tf
 
     from configs import base
-    from keras_ft import freezing, job, spec as spec_lib, tasks
+    from keras_ft import freezing, fused_bn, job, spec as spec_lib, tasks
     from keras_ft.stages import Stage
 
+    fused_bn.FUSE_TRAINING = not os.environ.get("KERAS_FT_BENCH_KERAS_BN")
     policy = _keras_setup(precision)
     config = base.get_config()
     config.model.backbone = backbone
@@ -146,8 +151,10 @@ def keras_ft_worker(backbone, image_size, batch_size, option, precision, modes):
     x, y = tf.constant(x), tf.constant(y)
     blocks = {"full": -1, "last": LAST_BLOCKS[backbone], "head": 0, "infer": 0}
 
+    bn = job.batchnorm_policy(spec, 1)
+
     def switch(mode):  # retraces the train step, as a stage switch in a run does
-        freezing.apply_stage(model, Stage(epochs=1, blocks=blocks[mode]), bn_policy=option)
+        freezing.apply_stage(model, Stage(epochs=1, blocks=blocks[mode]), bn_policy=bn)
 
     steps = {m: (lambda: model.train_on_batch(x, y)) for m in ("full", "last", "head")}
     steps["infer"] = lambda: model.predict_on_batch(x)

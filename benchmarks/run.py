@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --suite=cpu [--rounds=3] [--steps=3] [--only=resnet50@128]
     python -m benchmarks.run --suite=gpu            # needs a GPU TensorFlow and PyTorch see
+    python -m benchmarks.run --suite=batchnorm      # the cost of freeze.batchnorm=auto
 
 Each case is a backbone at an image size, batch 32 (the gpu suite: 256).
 One worker process per variant (`benchmarks/_workers.py` says exactly what
@@ -41,7 +42,7 @@ TRAIN_MODES = ("full", "last", "head")
 MODE_NAMES = {"full": "full fine-tuning", "last": "last stage", "head": "head only",
               "infer": "inference"}
 # Options that only matter where backbone BatchNorm trains (full, last).
-BN_ONLY = (("keras_ft", "trainable"), ("keras", "frozen_bn"))
+BN_ONLY = (("keras_ft", "trainable"), ("keras_ft", "auto"), ("keras", "frozen_bn"))
 
 ALL = (
     "keras_ft/frozen/float32", "keras_ft/trainable/float32", "keras_ft/frozen/bfloat16",
@@ -52,6 +53,10 @@ ALL = (
 FEW = (
     "keras_ft/frozen/float32", "keras_ft/frozen/bfloat16", "keras/trainable/float32",
     "torch/default/float32", "torch/channels_last/float32", "torch/channels_last/bfloat16",
+)
+BN_VARIANTS = (
+    "keras_ft/frozen/float32", "keras_ft/auto/float32", "keras_ft/auto/float32+keras_bn",
+    "keras/trainable/float32", "keras/frozen_bn/float32", "torch/default/float32",
 )
 SUITES = {
     # (backbone, image size, batch, variants, modes)
@@ -66,6 +71,13 @@ SUITES = {
          ("keras_ft/frozen/float32", "keras_ft/frozen/bfloat16", "keras/trainable/bfloat16",
           "torch/channels_last/float32", "torch/channels_last/bfloat16"),
          ("full", "infer")),
+    ],
+    # The cost of freeze.batchnorm="auto" (batch statistics where blocks
+    # train) against "frozen", Keras' own training-mode BatchNorm ops, plain
+    # Keras, and the PyTorch loop (which normalises with batch statistics).
+    "batchnorm": [
+        ("mobilenet_v2", 97, 32, BN_VARIANTS, ("full", "last")),
+        ("resnet50", 128, 32, BN_VARIANTS, ("full", "last")),
     ],
     # What `benchmarks/guard.py` runs: seconds, not minutes.
     "guard": [
@@ -277,7 +289,7 @@ def rate(case, variant, mode):
 
 # Like-for-like plain Keras partner of each keras_ft variant, by mode.
 def keras_partner(variant: str, mode: str) -> str:
-    _, option, precision = variant.split("/")
+    _, option, precision = _workers.parse(variant)  # without a suffix
     if mode in ("head", "infer"):
         return f"keras/trainable/{precision}"
     return f"keras/{'frozen_bn' if option == 'frozen' else 'trainable'}/{precision}"

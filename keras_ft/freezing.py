@@ -364,24 +364,31 @@ def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
     return seen
 
 
-_TRACED = weakref.WeakKeyDictionary()  # model -> {layers and modes: traced forward pass}
+_TRACED = weakref.WeakKeyDictionary()  # model -> {what, modes: traced function}
+
+
+def _traced(model, what: tuple, make):
+    """`make()`, a `tf.function` over `model`, made once per model, `what`
+    and BatchNorm modes (an eager pass costs ~10x a traced one; a new trace
+    per call would also make TensorFlow warn of retracing)."""
+    key = what + tuple(l.trainable for l in backbones.all_layers(model) if _is_bn(l))
+    traced = _TRACED.setdefault(model, {})
+    if key not in traced:
+        traced[key] = make()
+    return traced[key]
 
 
 def _statistics_function(model, layers):
     """A traced forward pass of `model` in training mode returning `layers`'
-    moving statistics (an eager pass costs ~10x as much). Traced once per
-    model and set of modes: the layers' momentum 0 is part of the trace."""
-    key = tuple(id(l) for l in layers) + tuple(
-        l.trainable for l in backbones.all_layers(model) if _is_bn(l))
-    traced = _TRACED.setdefault(model, {})
-    if key not in traced:
+    moving statistics; the layers' momentum 0 is part of the trace."""
+    def make():
         @tf.function(reduce_retracing=True)
         def batch_statistics(x):
             model(x, training=True)
             return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
+        return batch_statistics
 
-        traced[key] = batch_statistics
-    return traced[key]
+    return _traced(model, ("statistics",) + tuple(id(l) for l in layers), make)
 
 
 def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
@@ -422,10 +429,16 @@ def train_eval_gap(model, dataset, num_batches: int) -> tuple[float, float] | No
     try:
         for l in dropouts:
             l.rate = 0.0
+
+        def make():  # dropout off is part of the trace
+            return tf.function(lambda x, training: model(x, training=training),
+                               reduce_retracing=True)
+
+        forward = _traced(model, ("modes",), make)
         for batch in dataset.take(num_batches):
             x, labels = batch[0], np.asarray(batch[1])
             for i, training in enumerate((False, True)):
-                predicted = np.argmax(np.asarray(model(x, training=training)), axis=-1)
+                predicted = np.argmax(np.asarray(forward(x, training)), axis=-1)
                 wanted = labels if labels.ndim == predicted.ndim else np.argmax(labels, -1)
                 correct[i] += np.sum(predicted == wanted)
             count += predicted.size
