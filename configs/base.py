@@ -233,22 +233,24 @@ def get_config(arg=None):
     # gradual, lp_ft).
     config.freeze.stages = (dict(epochs=1, blocks=0, lr_scale=1.0),)
     config.freeze.batchnorm = "auto"  # "auto": BatchNorm layers in the blocks a
-    #   stage trains normalise with batch statistics, those of frozen blocks run
-    #   in inference mode (as "trainable"), when each layer normalises at
-    #   least 16 examples per step; with fewer, as "frozen" (the log says which,
-    #   per stage, and why). "frozen": every layer in inference mode, statistics
-    #   fixed (γ/β train with their block); training the lowest blocks this way
-    #   can diverge (docs/batchnorm.md). "trainable"; "reestimate" (recompute
-    #   the statistics on training images first, then frozen)
+    #   stage trains normalise with batch statistics, entered by the calibrated
+    #   switch (γ/β re-parameterised so the network computes what it computed);
+    #   frozen blocks' run in inference mode. Needs >= 16 examples per layer and
+    #   step; with fewer it runs as "frozen". The log says which, per stage, and
+    #   why. "frozen": every layer in inference mode, statistics fixed (γ/β
+    #   train with their block): training the lowest blocks this way can
+    #   collapse (docs/batchnorm.md). "trainable": as "auto", the switch plain.
+    #   "reestimate": statistics recomputed on training images, then frozen
     config.freeze.bn_momentum = 0.9  # momentum of the moving statistics of layers
     #   on batch statistics (PyTorch's 0.1 = 0.9 here); 0 = each layer's own
     #   (Keras' MobileNetV2: 0.999, ResNet: 0.99)
     config.freeze.reestimate_batches = 20  # batches used by "reestimate"
     config.freeze.precise_bn = "final"  # BatchNorm layers that train on batch
-    #   statistics ("trainable") get moving statistics recomputed under the
+    #   statistics ("auto", "trainable") get moving statistics recomputed under the
     #   trained weights before validation, checkpoint and export: "final" (last
     #   epoch), "every_epoch" (before each validation), or "off"
-    config.freeze.precise_bn_batches = 50  # training batches averaged over
+    config.freeze.precise_bn_batches = 50  # training batches averaged over (by
+    #   precise BN, and by the calibrated switch)
     config.freeze.method = "full"  # what trains in a trainable block: "full",
     #   "bitfit" (biases), "bn_only" (BatchNorm γ/β), "lora" (adapters)
     config.freeze.lora_rank = 4  # rank of the LoRA adapters (method "lora")

@@ -8,38 +8,10 @@ and retraces the step. The optimizer was built once over every tunable
 variable, so nothing is recompiled and variables that were already training
 keep their velocity.
 
-BatchNorm policy (`BN_POLICIES`):
-    auto        the default: as `trainable` when each BatchNorm layer
-                normalises at least `AUTO_MIN_BATCH` examples per step (the
-                batch per replica, or the global batch with synchronized
-                BatchNorm), else as `frozen` (batch statistics of a few
-                examples are noise). `resolve_batchnorm` decides, once per
-                run, and says why.
-    frozen      every BatchNorm layer runs in inference mode and its moving
-                statistics never change, even in blocks that otherwise train
-                (the Keras transfer-learning guide's advice); γ and β still
-                train with their block.
-    trainable   BatchNorm layers in trainable blocks use batch statistics and
-                update their moving statistics; frozen blocks' do not.
-    reestimate  before training, the moving statistics of every BatchNorm
-                layer are recomputed on target data (`reestimate_batchnorm`);
-                then as `frozen`.
-
-Why `auto` and not `frozen` (docs/batchnorm.md has the measurements): in
-inference mode a BatchNorm channel multiplies what reaches it by
-γ/sqrt(var + ε), and pretrained networks have channels whose moving
-variance is tiny (the imported MobileNetV2: gains up to 1,902). Once the
-convolutions below such a channel train, its output moves up to that many
-times as far, and fine-tuning every block under `frozen` collapsed to
-chance on some seeds. On batch statistics the same layer rescales whatever
-reaches it, so it cannot amplify a change of the weights below it: what
-PyTorch's `model.train()` gives, and what the field's all-layer recipes use.
-Frozen blocks stay in inference mode either way (their statistics are the
-pretrained ones, which the blocks above were trained on). Layers on batch
-statistics update their moving statistics with momentum `bn_momentum`
-(default 0.9, PyTorch's 0.1): Keras' MobileNetV2 uses 0.999, whose moving
-statistics still hold 80% of ImageNet's after 200 steps, so every epoch's
-validation until precise BN would measure a model that does not exist.
+BatchNorm policy (`BN_POLICIES`, resolved by `resolve_batchnorm`): see
+`keras_ft.batchnorm`. `apply_stage` sets each BatchNorm layer's mode for the
+stage; `StageSchedule` enters batch statistics by the calibrated switch
+(`keras_ft.batchnorm.calibrate`) when the policy says so.
 
 Precise BN (`PRECISE_BN`, `PreciseBatchNorm`): a layer that trains on batch
 statistics leaves moving statistics that lag the weights (Keras'
@@ -64,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import weakref
 from typing import Sequence
 
 import keras
@@ -72,15 +43,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import backbones, callbacks, checkpoint, optim, stages as stages_lib
+from keras_ft import backbones, batchnorm, callbacks, checkpoint, optim, stages as stages_lib
+from keras_ft.batchnorm import (  # noqa: F401  (the names keras_ft.freezing always had)
+    AUTO_MIN_BATCH, BN_MOMENTUM, BN_POLICIES, BatchNormPolicy, resolve_batchnorm)
 from keras_ft.stages import Stage
 
-BN_POLICIES = ("auto", "frozen", "trainable", "reestimate")
-BN_MOMENTUM = 0.9  # freeze.bn_momentum's default (PyTorch's momentum=0.1)
-AUTO_MIN_BATCH = 16  # examples a BatchNorm layer must normalise over for "auto"
-#   to use batch statistics. Wu & He (2018, "Group Normalization", fig. 1):
-#   ImageNet error of a BatchNorm ResNet-50 is flat from 32 down to 16 images
-#   per replica and rises below (+0.9 points at 8, +4.9 at 4)
 PRECISE_BN = ("final", "every_epoch", "off")
 METHODS = ("full", "bitfit", "bn_only", "lora")
 
@@ -108,61 +75,7 @@ BN_ONLY_WITHOUT_BATCHNORM = (
     "transformer normalises with LayerNorm): use 'bitfit' or 'lora'.")
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchNormPolicy:
-    """How BatchNorm layers run: the `freeze.batchnorm` policy of a run,
-    resolved (`resolve_batchnorm`).
-
-    Attributes:
-        name: the configured policy, one of `BN_POLICIES`.
-        batch_statistics: layers in the blocks a stage trains normalise with
-            batch statistics (else every backbone layer is in inference mode).
-        momentum: the momentum of those layers' moving statistics, or None
-            to keep each layer's own.
-        reason: why, for the log (empty unless `name` is "auto").
-    """
-
-    name: str
-    batch_statistics: bool
-    momentum: float | None = None
-    reason: str = ""
-
-    def describe(self) -> str:
-        """E.g. "auto: batch statistics where blocks train (32 examples ...)"."""
-        what = "batch statistics where blocks train" if self.batch_statistics else (
-            "inference mode everywhere")
-        return f"{self.name}: {what}" + (f" ({self.reason})" if self.reason else "")
-
-
-def resolve_batchnorm(
-    policy: "str | BatchNormPolicy",
-    examples_per_norm: int | None = None,
-    momentum: float = BN_MOMENTUM,
-) -> BatchNormPolicy:
-    """`freeze.batchnorm` for a run whose BatchNorm layers each normalise
-    `examples_per_norm` examples per step (the batch per replica, or the
-    global batch with synchronized BatchNorm; None: unknown, taken as
-    enough). `momentum` is `freeze.bn_momentum` (0 = each layer's own)."""
-    if isinstance(policy, BatchNormPolicy):
-        return policy
-    _check(policy, BN_POLICIES, "freeze.batchnorm")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"freeze.bn_momentum must be in [0, 1), got {momentum}.")
-    kept = momentum or None
-    if policy != "auto":
-        return BatchNormPolicy(policy, policy == "trainable", kept)
-    if examples_per_norm is None or examples_per_norm >= AUTO_MIN_BATCH:
-        enough = "" if examples_per_norm is None else (
-            f"{examples_per_norm} examples per BatchNorm layer and step >= {AUTO_MIN_BATCH}")
-        return BatchNormPolicy("auto", True, kept, enough)
-    return BatchNormPolicy("auto", False, kept, (
-        f"{examples_per_norm} examples per BatchNorm layer and step < {AUTO_MIN_BATCH}: batch "
-        "statistics would be noise; a larger batch, or distribute.sync_batchnorm over "
-        "replicas, lets it use them"))
-
-
-def _is_bn(layer) -> bool:
-    return isinstance(layer, keras.layers.BatchNormalization)
+_is_bn = batchnorm.is_bn
 
 
 def synchronize_batchnorm(model: keras.Model) -> int:
@@ -196,7 +109,7 @@ def apply_stage(
     model,
     stage: Stage,
     method: str = "full",
-    bn_policy: "str | BatchNormPolicy" = "auto",
+    bn_policy: "str | batchnorm.BatchNormPolicy" = "auto",
     block_lr: Sequence[float] | None = None,
 ) -> StageInfo:
     """Makes `model` (a `keras_ft.model.FineTuneModel`) train what `stage` says.
@@ -364,20 +277,6 @@ def precise_batchnorm(model, dataset, num_batches: int, layers=None) -> int:
     return seen
 
 
-_TRACED = weakref.WeakKeyDictionary()  # model -> {what, modes: traced function}
-
-
-def _traced(model, what: tuple, make):
-    """`make()`, a `tf.function` over `model`, made once per model, `what`
-    and BatchNorm modes (an eager pass costs ~10x a traced one; a new trace
-    per call would also make TensorFlow warn of retracing)."""
-    key = what + tuple(l.trainable for l in backbones.all_layers(model) if _is_bn(l))
-    traced = _TRACED.setdefault(model, {})
-    if key not in traced:
-        traced[key] = make()
-    return traced[key]
-
-
 def _statistics_function(model, layers):
     """A traced forward pass of `model` in training mode returning `layers`'
     moving statistics; the layers' momentum 0 is part of the trace."""
@@ -388,7 +287,7 @@ def _statistics_function(model, layers):
             return [(l.moving_mean.value, l.moving_variance.value) for l in layers]
         return batch_statistics
 
-    return _traced(model, ("statistics",) + tuple(id(l) for l in layers), make)
+    return batchnorm.traced(model, ("statistics",) + tuple(id(l) for l in layers), make)
 
 
 def reestimate_batchnorm(model, dataset, num_batches: int = 20) -> int:
@@ -434,7 +333,7 @@ def train_eval_gap(model, dataset, num_batches: int) -> tuple[float, float] | No
             return tf.function(lambda x, training: model(x, training=training),
                                reduce_retracing=True)
 
-        forward = _traced(model, ("modes",), make)
+        forward = batchnorm.traced(model, ("modes",), make)
         for batch in dataset.take(num_batches):
             x, labels = batch[0], np.asarray(batch[1])
             for i, training in enumerate((False, True)):
@@ -520,13 +419,19 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
     Args:
         stages: the schedule (`Stage`s or config dicts).
         method: one of `METHODS`.
-        bn_policy: one of `BN_POLICIES` ("auto" as "trainable": pass
-            `resolve_batchnorm(policy, batch_per_replica)` to have "auto" check
-            the batch size), or a `BatchNormPolicy`. Re-estimation itself is
-            done before `fit`, by `reestimate_batchnorm`.
+        bn_policy: one of `BN_POLICIES`, or a `BatchNormPolicy` from
+            `resolve_batchnorm(policy, batch_per_replica)`, which lets "auto"
+            check the batch size (a plain "auto" takes it as large enough).
+            Re-estimation itself is done before `fit`, by
+            `reestimate_batchnorm`.
         block_lr: per-block learning-rate multipliers, stem first.
         steps_per_epoch: the run's steps per epoch, for stages measured in
             steps (default: the `steps_per_epoch` given to `fit()`).
+        statistics: a function of no arguments giving batches of training
+            images without augmentation (`TaskData.statistics_stream`), for
+            the calibrated switch of "auto"; without it the switch is plain,
+            and the log says so.
+        statistics_batches: how many of those batches the switch measures.
     """
 
     def __init__(
@@ -536,6 +441,8 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         bn_policy: "str | BatchNormPolicy" = "auto",
         block_lr: Sequence[float] | None = None,
         steps_per_epoch: int | None = None,
+        statistics=None,
+        statistics_batches: int = 50,
     ):
         super().__init__()
         self.stages = stages_lib.parse(stages)
@@ -544,6 +451,9 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
         self.bn_policy = resolve_batchnorm(bn_policy)
         self.block_lr = block_lr
         self.steps_per_epoch = steps_per_epoch
+        self.statistics = statistics
+        self.statistics_batches = statistics_batches
+        self.calibrated: set[str] = set()  # layers switched by calibration (checkpointed)
         self.current = None
         self.info = None
         self.lr_factors: dict[int, float] = {}  # stage index -> extra rate factor
@@ -588,26 +498,39 @@ class StageSchedule(callbacks.ResumableStep, keras.callbacks.Callback):
             f"{self.info.trainable_params:,}", f"{self.info.total_params:,}",
             100 * self.info.fraction,
             f", down to block {self.info.lowest_block}" if self.info.lowest_block else "",
-            describe_batchnorm(self.model, self.bn_policy),
+            batchnorm.describe(self.model, self.bn_policy),
         )
+        if self.bn_policy.calibrate:
+            self._calibrate()
 
 
-def describe_batchnorm(model, policy: BatchNormPolicy) -> str:
-    """What the backbone's BatchNorm layers do in the stage now applied, and
-    why, for the stage's log line."""
-    layers = [l for _, block in model.block_map() for l in block if _is_bn(l)]
-    if not layers:
-        return "no BatchNorm layer in the backbone"
-    on_batch = [l for l in layers if l.trainable]
-    head = f"BatchNorm {policy.name}"
-    why = f" ({policy.reason})" if policy.reason else ""
-    if not on_batch:
-        if policy.batch_statistics:
-            return f"{head}: all {len(layers)} layer(s) in inference mode (no block trains)"
-        return f"{head}: all {len(layers)} layer(s) in inference mode{why}"
-    momentum = f"momentum {on_batch[0].momentum:g}"
-    return (f"{head}: {len(on_batch)} layer(s) in the trained blocks on batch statistics "
-            f"({momentum}), {len(layers) - len(on_batch)} in inference mode{why}")
+    def _calibrate(self) -> None:
+        """The calibrated switch for the backbone's layers that are on batch
+        statistics now and were not calibrated before in this run."""
+        layers = [l for _, block in self.model.block_map() for l in block
+                  if _is_bn(l) and l.trainable and l.name not in self.calibrated]
+        if not layers:
+            return
+        if self.statistics is None:
+            logging.warning(
+                "%d BatchNorm layer(s) switch to batch statistics as they are: StageSchedule "
+                "was given no statistics= batches for the calibrated switch.", len(layers))
+            self.calibrated.update(l.name for l in layers)
+            return
+        start = time.monotonic()
+        used = batchnorm.calibrate(self.model, layers, self.statistics(), self.statistics_batches)
+        self.calibrated.update(l.name for l in layers)
+        logging.info(
+            "Calibrated switch to batch statistics: %d BatchNorm layer(s) re-parameterised "
+            "on %d training batches to compute what they computed (%.1fs).",
+            len(layers), used, time.monotonic() - start)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the layers already calibrated."""
+        return {"batchnorm_calibrated": sorted(self.calibrated)}
+
+    def restore(self, state: dict | None) -> None:
+        self.calibrated = set((state or {}).get("batchnorm_calibrated", []))
 
 
 class BlockDrift(keras.callbacks.Callback):

@@ -145,8 +145,10 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     # --------------------------------------------------------------------- fit
     schedule = freezing.StageSchedule(
         list(spec.freeze.stages), spec.freeze.method, job.batchnorm, job.block_lr,
-        job.steps_per_epoch,
+        job.steps_per_epoch, statistics=data.statistics_stream,
+        statistics_batches=spec.freeze.precise_bn_batches,
     )
+    schedule.restore(state)
     throughput = callbacks.Throughput(job.batch)
     bar = progress.mode() == "bar"
     # With the bar, the log keeps its one line per epoch (stderr, for the record).
@@ -182,7 +184,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         preemption=watch,
         describe_stage=schedule.describe,
         agree=lambda flags: distribute.any_worker(strategy, flags),
-        more_state=lambda: dict(guard.state(), recoveries=recoveries.events),
+        more_state=lambda: dict(guard.state(), recoveries=recoveries.events, **schedule.state()),
         best=best,
         keep_best=bool(spec.checkpoint.keep_best),
     )
@@ -389,6 +391,7 @@ def _roll_back(spike, manager, schedule, guard, recoveries, history: list) -> di
         raise health.TooManySpikes(f"{spike} There is no checkpoint to roll back to.")
     history[:] = state["history"]
     guard.restore(state)
+    schedule.restore(state)
     schedule.current = None  # re-entered at the next step, at its new rate
     logging.warning(
         "%s Rolled back to %s (epoch %d, step %d); stage %d now trains at x%.3g its "
