@@ -24,9 +24,12 @@ keras_ft arms (`trainer.train`; peak rate 0.01, stages' lr_scale on it):
     gradual   ULMFiT: head, then one more block each epoch (up to 5), rate
               / 2.6 per block down
 
-each under `freeze.batchnorm=frozen` and `auto`, without clipping and with
-`optimizer.clip_norm=1.0` (`--clip_arms`). The loss-spike rollback stays
-on, as in any run; how many rollbacks a run needed is reported.
+each under `freeze.batchnorm=frozen` (the old default), `trainable` (batch
+statistics where blocks train, the switch plain) and `auto` (the same,
+entered by the calibrated switch), without clipping, and `--clip_arms` also
+with `optimizer.clip_norm=1.0` under `--clip_policies`. The loss-spike
+rollback stays on, as in any run; how many rollbacks a run needed is
+reported.
 
 PyTorch arms (the seed's loop: `model.train()` throughout, so every
 BatchNorm layer normalises with batch statistics, frozen blocks' too;
@@ -63,7 +66,7 @@ EPOCHS = 6
 RATE = 0.01  # peak; fine-tuning stages at x0.1
 FINETUNE = 0.1
 PROBE = 2  # head-only epochs before the fine-tuning stage
-POLICIES = ("frozen", "auto")
+POLICIES = ("frozen", "trainable", "auto")
 KERAS_ARMS = ("head", "top3", "all", "lp_ft", "gradual")
 TORCH_ARMS = ("all", "lp_ft", "top3", "head")
 TOP = 3  # blocks of the top3 arm
@@ -214,8 +217,10 @@ def plan(args) -> list[Run]:
     for size in args.sizes:
         for seed in args.seeds:  # seed by seed: machine noise falls on every arm
             for arm in args.arms:
-                for policy in ("auto",) if arm == "head" else POLICIES:
-                    for clip in (False, True) if arm in args.clip_arms else (False,):
+                for policy in ("auto",) if arm == "head" else args.policies:
+                    clips = (False, True) if (
+                        arm in args.clip_arms and policy in args.clip_policies) else (False,)
+                    for clip in clips:
                         runs.append(Run("keras_ft", arm, policy, clip, size, seed))
             for arm in args.torch_arms:
                 runs.append(Run("torch", arm, "train_mode", False, size, seed))
@@ -276,16 +281,30 @@ def summarize(values: list) -> dict:
 
 
 def collect(args) -> dict:
-    """Every recorded run of the plan, grouped by size and arm."""
+    """Every run recorded in the workdir (by any invocation), grouped by size
+    and arm."""
     table = {}
-    for run in plan(args):
-        record = run.path(args.workdir) + ".json"
-        if not os.path.exists(record):
-            continue
-        with open(record) as f:
-            result = json.load(f)
-        table.setdefault(str(run.size), {}).setdefault(run.name, {})[str(run.seed)] = result
+    root = os.path.join(args.workdir, "runs")
+    for size in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        for arm in sorted(os.listdir(os.path.join(root, size))):
+            folder = os.path.join(root, size, arm)
+            for record in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
+                with open(os.path.join(folder, record)) as f:
+                    result = json.load(f)
+                seed = record.removeprefix("seed_").removesuffix(".json")
+                name = _name_of(arm)
+                table.setdefault(size, {}).setdefault(name, {})[seed] = result
     return table
+
+
+def _name_of(folder: str) -> str:
+    """"keras_ft_lp_ft_auto+clip" (a `Run.path` folder) -> "keras_ft/lp_ft/auto+clip"."""
+    for framework in ("keras_ft", "torch"):
+        if folder.startswith(framework + "_"):
+            rest = folder[len(framework) + 1:]
+            arm = max((a for a in (*KERAS_ARMS, *TORCH_ARMS) if rest.startswith(a + "_")), key=len)
+            return f"{framework}/{arm}/{rest[len(arm) + 1:]}"
+    raise ValueError(f"not a run folder: {folder}")
 
 
 def report(args, wall: float | None) -> dict:
@@ -347,8 +366,10 @@ def main():
     parser.add_argument("--sizes", default="150,500")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--arms", default=",".join(KERAS_ARMS))
-    parser.add_argument("--clip_arms", default="top3,all,lp_ft,gradual",
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--clip_arms", default="all,lp_ft",
                         help="keras_ft arms also run with optimizer.clip_norm=1.0")
+    parser.add_argument("--clip_policies", default="frozen,auto")
     parser.add_argument("--torch_arms", default=",".join(TORCH_ARMS))
     parser.add_argument("--workdir", default="/tmp/keras_ft_all_layers")
     parser.add_argument("--out", default=_results.default_path("all_layers"))
@@ -375,6 +396,8 @@ def main():
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.arms = [a for a in args.arms.split(",") if a]
     args.clip_arms = [a for a in args.clip_arms.split(",") if a]
+    args.policies = [p for p in args.policies.split(",") if p]
+    args.clip_policies = [p for p in args.clip_policies.split(",") if p]
     args.torch_arms = [a for a in args.torch_arms.split(",") if a]
     bad = (set(args.arms) - set(KERAS_ARMS)) | (set(args.torch_arms) - set(TORCH_ARMS))
     if bad:
