@@ -18,7 +18,8 @@ per seed, all with the config's budget (`train.epochs`):
              (`data.train_per_class`), the same steps at each size.
              Reference: pretrained at the same size.
     peft     after a head-only probe, all blocks with full, BitFit,
-             BatchNorm-only and LoRA (two ranks). Reference: full.
+             BatchNorm-only and LoRA (two ranks), each at its own
+             range-tested rate. Reference: full.
 
 WORKDIR/STUDY/ARM/seed_S is the arm's run, WORKDIR/STUDY/ARM/seed_S.json its
 record (written when the run ends, ok or failed); a rerun skips recorded
@@ -139,21 +140,27 @@ def plan(study: str, config, options: Options, rates=None, steps_per_epoch: int 
         return [dataclasses.replace(a, overrides=_with_cache(config, dict(a.overrides, **full)))
                 for a in arms]
     if study == "peft":
-        ft = lambda scale: stages.lp_ft(probe, scale, e - probe)  # noqa: E731
-        arms = [Arm("full", dict(full, **{"freeze.stages": ft(s)}),
-                    f"all weights, lr x {s:g}", reference="full")]
+        # Each method fine-tunes at its own rate, the range test's suggestion
+        # for its all-blocks stage: methods that train 1% of the weights and
+        # LoRA's low-rank products want other rates than full fine-tuning.
+        base_rate = _numeric_rate(config)
         text = config.task == "text_classification"  # a BERT has no BatchNorm: no bn_only arm
-        methods = (("bitfit", "biases and LayerNorm beta" if text else "biases and BatchNorm beta"),)
-        methods += () if text else (("bn_only", "BatchNorm gamma/beta"),)
-        for method, what in methods:
-            arms.append(Arm(method, {"freeze.method": method, "freeze.stages": ft(1.0)},
-                            f"{what}, lr x 1", reference="full"))
-        for rank in options.lora_ranks:
-            arms.append(Arm(f"lora_r{rank}", {"freeze.method": "lora", "freeze.lora_rank": int(rank),
-                                              "freeze.stages": ft(1.0)},
-                            f"LoRA rank {rank} on "
-                            + ("attention query/value" if text else "1x1 convolutions and Dense")
-                            + ", lr x 1", reference="full"))
+        methods = [("full", {}, "all weights")]
+        methods.append(("bitfit", {}, "biases and LayerNorm beta" if text else
+                        "biases and BatchNorm beta"))
+        methods += [] if text else [("bn_only", {}, "BatchNorm gamma/beta")]
+        methods += [(f"lora_r{rank}", {"freeze.lora_rank": int(rank)}, f"LoRA rank {rank} on "
+                     + ("attention query/value" if text else "1x1 convolutions and Dense"))
+                    for rank in options.lora_ranks]
+        arms = []
+        for name, extra, what in methods:
+            method = {"freeze.method": name.split("_r")[0], **extra}
+            rate = rates(f"peft_{name}", dict(method, **{
+                "freeze.stages": stages.all_blocks(e, 1.0), "freeze.lr_decay": 1.0}))
+            scale = rate / base_rate
+            arms.append(Arm(name, dict(method, **{"freeze.stages": stages.lp_ft(probe, scale, e - probe)}),
+                            f"{what}, at its range-tested rate {rate:.3g} (lr x {scale:.3g})",
+                            reference="full"))
         return [dataclasses.replace(a, overrides=_with_cache(config, a.overrides)) for a in arms]
     if study == "lr":
         arms = []
@@ -187,6 +194,14 @@ def plan(study: str, config, options: Options, rates=None, steps_per_epoch: int 
                             reference=f"pretrained_{n}"))
         return arms
     raise ValueError(f"Unknown study {study!r}: choose from {', '.join(STUDIES)}.")
+
+
+def _numeric_rate(config) -> float:
+    rate = config.optimizer.learning_rate
+    if isinstance(rate, str):
+        raise ValueError("The peft study scales each method's stage to its range-tested rate "
+                         "from optimizer.learning_rate: give a number, not 'auto'.")
+    return float(rate)
 
 
 def _arm_config(config, overrides: Mapping, seed: int):

@@ -79,7 +79,9 @@ def test_arms_are_the_recipes_they_claim():
 
     def rates(name, overrides):
         asked[name] = overrides
-        return {"lr_head": 0.02, "lr_all": 0.002, "scratch": 0.5}[name]
+        return {"lr_head": 0.02, "lr_all": 0.002, "scratch": 0.5, "peft_full": 0.001,
+                "peft_bitfit": 0.02, "peft_bn_only": 0.05, "peft_lora_r2": 0.004,
+                "peft_lora_r8": 0.003}[name]
 
     depth = {a.name: a for a in study.plan("depth", config, study.Options(), rates)}
     assert list(depth) == ["head", "last_1", "last_2", "last_4", "all", "gradual", "lp_ft"]
@@ -104,6 +106,14 @@ def test_arms_are_the_recipes_they_claim():
     peft = {a.name: a for a in study.plan("peft", config, study.Options(lora_ranks=(2, 8)), rates)}
     assert list(peft) == ["full", "bitfit", "bn_only", "lora_r2", "lora_r8"]
     assert peft["lora_r8"].overrides["freeze.lora_rank"] == 8
+    # Each method at its own range-tested rate, found on its own all-blocks
+    # stage (LoRA at its rank): the stage's lr_scale times the config's 0.01.
+    assert asked["peft_lora_r8"]["freeze.method"] == "lora"
+    assert asked["peft_lora_r8"]["freeze.lora_rank"] == 8
+    assert asked["peft_bitfit"]["freeze.stages"] == stages.all_blocks(3, 1.0)
+    assert peft["lora_r8"].overrides["freeze.stages"] == stages.lp_ft(1, 0.3, 2)
+    assert peft["full"].overrides["freeze.stages"] == stages.lp_ft(1, 0.1, 2)
+    assert peft["bn_only"].overrides["freeze.method"] == "bn_only"
 
 
 @pytest.mark.parametrize("make, match", [
