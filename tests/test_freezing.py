@@ -287,18 +287,25 @@ def test_l2sp_pulls_toward_pretrained_weights():
     assert drifts[1] < 0.5 * drifts[0], drifts
 
 
-def test_schedule_alongside_keras_callbacks_and_keras_file_roundtrip(tmp_path):
+def test_schedule_alongside_keras_callbacks_and_keras_file_roundtrip(tmp_path, monkeypatch):
+    from runs import record_logs
+
+    lines = record_logs(monkeypatch)
     model = make_model()
     x, y = batch(16)
+    statistics = lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # noqa: E731
     model.fit(
         x, y, batch_size=8, epochs=2, verbose=0, validation_data=(x, y),
         callbacks=[
-            freezing.StageSchedule(stages.lp_ft(probe_epochs=1), bn_policy="frozen"),
+            # The default policy ("auto"), its calibrated switch in a plain fit().
+            freezing.StageSchedule(stages.lp_ft(probe_epochs=1), statistics=statistics),
             keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="val_loss"),
             keras.callbacks.EarlyStopping(monitor="val_loss", patience=3),
             keras.callbacks.TensorBoard(str(tmp_path / "tb")),
         ],
     )
+    assert any(l.startswith("Calibrated switch to batch statistics: 52 BatchNorm layer(s) "
+                            "re-parameterised on 2 training batches") for l in lines), lines
     assert (tmp_path / "best.keras").exists() and list((tmp_path / "tb").iterdir())
     model.save(tmp_path / "last.keras")
     loaded = keras.saving.load_model(tmp_path / "last.keras", safe_mode=True)
