@@ -265,7 +265,7 @@ def get_config(arg=None):
     config.distribute.cpu_devices = 0  # >1 splits the CPU into that many logical
     #   devices (multi-replica runs without GPUs, as Keras' own tests do)
     config.distribute.sync_batchnorm = False  # True: BatchNorm layers that train
-    #   (freeze.batchnorm="trainable") compute batch statistics over the global
+    #   ("auto", "trainable") compute batch statistics over the global
     #   batch, across replicas and workers, instead of each replica's share
 
     config.export = ml_collections.ConfigDict()

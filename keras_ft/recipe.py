@@ -15,7 +15,7 @@ SGD-momentum 0.9 with base rate 0.003:
 
 These functions keep BiT's tiers, decay points and MixUp rule and adapt the
 rest to keras_ft's setting — BatchNorm CNNs from `keras.applications`,
-fine-tuned with SGD-momentum and frozen BatchNorm, often on a CPU — each
+fine-tuned with SGD-momentum and staged freezing, often on a CPU — each
 adaptation said where it is made. They are pure and small; `Recipe` bundles
 them and renders `--config.*` flags for `launch.train`. The learning rate
 is left to `optimizer.learning_rate="auto"` (the range test) or to
@@ -58,7 +58,7 @@ def total_steps(num_examples: int, batch_size: int, max_epochs: int = 30) -> int
     batch (Goyal et al., 2017) — but at most `max_epochs` passes. BiT's
     small-tier budget is 256k examples, i.e. 256 epochs of a 1k-example set
     (1,600 of the 160-image quickstart): it trains every layer of a large
-    ResNet on TPUs. A CNN with frozen BatchNorm and staged freezing on a CPU
+    ResNet on TPUs. A CNN fine-tuned with staged freezing on a CPU
     gains little from so many passes over a small set (the quickstart is done
     after 6) while ResNet50 runs ~17 images/s here, so 30 passes cap it.
     At least one step.

@@ -439,7 +439,7 @@ def fold_dead_channels(backbone: keras.Model) -> tuple[int, int]:
     a ReLU that never fires (the imported MobileNetV2 has 44): its input is
     its mean, so its output is β whatever the variance, and the pretrained
     function does not change (tests/test_weights.py checks the features
-    against PyTorch's). But with BatchNorm frozen, as fine-tuning keeps it,
+    against PyTorch's). But with BatchNorm frozen (`freeze.batchnorm=frozen`),
     the channel multiplies whatever reaches it once the weights below move
     by γ/sqrt(epsilon), 316γ at 1e-5: a few steps at a normal learning rate
     can blow the activations up. With variance 1 the multiplier is γ.
