@@ -202,13 +202,14 @@ def _guard(factor=6.0):
 def test_the_guard_judges_each_step_against_its_recent_level():
     start = [10.0] * 20  # the starting level: 10
     assert _feed(_guard(), start + [1.0] * 30 + [7.0]) is None  # 7x, but below the start
-    assert _feed(_guard(), start + [1.0] * 30 + [13.0]) == 50  # 13x and above the start
-    assert _feed(_guard(), start + [2.0] * 30 + [11.0]) is None  # 5.5x: under the factor
+    assert _feed(_guard(), start + [1.0] * 30 + [13.0]) is None  # 13x, not 2x the start
+    assert _feed(_guard(), start + [1.0] * 30 + [21.0]) == 50  # 21x and over 2x the start
+    assert _feed(_guard(), start + [4.0] * 30 + [21.0]) is None  # 5.25x: under the factor
     assert _feed(_guard(), [2.0] * 5 + [float("nan")]) == 5  # non-finite: at any time
     assert _feed(_guard(), [2.0] * 5 + [500.0]) is None  # too early to know a level
     assert _feed(_guard(factor=0.0), start + [500.0]) is None  # off: NaN/inf only
     # A new BatchNorm regime (a stage switch): a new level, so no ratio test
     # until 20 steps are seen again.
     regime = [1] * 50 + [2] * 30
-    assert _feed(_guard(), start + [1.0] * 30 + [13.0] * 30, regime) is None
-    assert _feed(_guard(), start + [1.0] * 30 + [13.0] * 30) == 50
+    assert _feed(_guard(), start + [1.0] * 30 + [21.0] * 30, regime) is None
+    assert _feed(_guard(), start + [1.0] * 30 + [21.0] * 30) == 50
