@@ -73,12 +73,31 @@ def test_recipe_for_the_quickstart_data_and_its_flags():
     assert r == recipe.Recipe(
         total_steps=300, epochs=30, warmup_steps=60, decay_boundaries=(0.4, 0.6, 0.8),
         image_size=128, mixup_alpha=0.0,
+        stages=(dict(epochs=30, blocks=-1, lr_scale=1.0),),
     )
     assert r.flags() == (
         "--config.train.epochs=30 --config.schedule.name=step "
         "--config.schedule.warmup_steps=60 "
-        "--config.schedule.decay_boundaries='(0.4, 0.6, 0.8)' --config.model.image_size=128"
+        "--config.schedule.decay_boundaries='(0.4, 0.6, 0.8)' --config.model.image_size=128 "
+        """--config.freeze.stages='({"epochs": 30, "blocks": -1, "lr_scale": 1.0},)'"""
     )
+
+
+def test_stage_plan_every_block_only_where_batchnorm_can_use_batch_statistics():
+    from keras_ft import batchnorm
+
+    assert recipe.MIN_BATCH_STATISTICS == batchnorm.AUTO_MIN_BATCH
+    assert recipe.stages(30, 16) == (dict(epochs=30, blocks=-1, lr_scale=1.0),)
+    assert recipe.stages(30, 15) == (dict(epochs=10, blocks=0, lr_scale=1.0),
+                                     dict(epochs=20, blocks=3, lr_scale=0.1))
+    assert recipe.stages(1, 8) == (dict(epochs=1, blocks=0, lr_scale=1.0),)
+    # the batch per replica decides: 64 over 8 replicas is 8 per BatchNorm layer
+    many = recipe.Recipe.for_data(num_examples=1000, image_size=(64, 64), batch_size=64,
+                                  replicas=8)
+    assert [s["blocks"] for s in many.stages] == [0, 3]
+    with pytest.raises(ValueError, match="replicas"):
+        recipe.Recipe.for_data(num_examples=1000, image_size=(64, 64), batch_size=64,
+                               replicas=0)
 
 
 def test_recipe_turns_mixup_on_from_20k_examples():
