@@ -63,7 +63,10 @@ def install(model: keras.Model) -> int:
         keras_call = layer.call
 
         def call(inputs, training=None, mask=None, _layer=layer, _keras_call=keras_call):
-            if mask is not None or len(inputs.shape) != 4 or inputs.dtype not in FUSED_DTYPES:
+            # Checked at each call: `distribute.sync_batchnorm` synchronizes
+            # layers after the model (and this override) is built.
+            if (mask is not None or len(inputs.shape) != 4 or inputs.dtype not in FUSED_DTYPES
+                    or getattr(_layer, "synchronized", False)):
                 return _keras_call(inputs, training=training, mask=mask)
             if training and _layer.trainable:
                 if not FUSE_TRAINING:

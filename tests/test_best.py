@@ -15,10 +15,12 @@ from conftest import REPO, noise_images, train_command, train_env
 from keras_ft import best as best_lib, checkpoint, job as job_lib, trainer
 from runs import printed, tiny_config
 
-# At tiny's rate of 0.01 the random-init model's validation loss on the
-# session's images jumps after the head-only epoch (measured: 0.37, 4.6,
-# 5.7, 4.4): the best epoch is neither the last nor kept by checkpoint.keep=2.
-RISING = {"train.epochs": 4, "checkpoint.keep_best": "val_loss"}
+# At tiny's rate of 0.01, held constant, the random-init model's validation
+# loss on the session's images jumps after the head-only epoch (measured:
+# 0.61, 5.8, 66, 51): the best epoch is neither the last nor kept by
+# checkpoint.keep=2. (Under the default cosine schedule the last epoch, at
+# rates near 0, recovers and is the best.)
+RISING = {"train.epochs": 4, "checkpoint.keep_best": "val_loss", "schedule.name": "constant"}
 
 
 def _config(images, **overrides):
@@ -107,8 +109,8 @@ def test_the_best_survives_a_kill_9(best_run, tmp_path, images):
     result, _ = best_run
     best_step = result.metrics["best"]["global_step"]
     flags = [f"--config.data.source=folder:{images}", "--config.train.epochs=4",
-             "--config.checkpoint.keep_best=val_loss", "--config.export.which=best",
-             "--config.export.enabled=False"]
+             "--config.schedule.name=constant", "--config.checkpoint.keep_best=val_loss",
+             "--config.export.which=best", "--config.export.enabled=False"]
     kill_at = best_step + 4  # inside the epoch after the best one
     killed = subprocess.run(
         [sys.executable, "tests/faults.py", "kill", str(kill_at)]

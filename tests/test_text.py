@@ -306,8 +306,11 @@ def test_study_arms_of_a_text_config_train_on_tokens_not_cached_features(text_da
     arms = study.plan("depth", config, study.Options(seeds=2))
     assert {arm.name for arm in arms} >= {"head", "all", "lp_ft"}
     assert not any(arm.overrides.get("data.cache_features") for arm in arms)
-    peft = study.plan("peft", config, study.Options(seeds=2))
+    tested = []  # each method's own range test (here, its name and a stand-in rate)
+    peft = study.plan("peft", config, study.Options(seeds=2),
+                      rates=lambda name, overrides: tested.append(name) or 1e-4)
     assert [arm.name for arm in peft] == ["full", "bitfit", "lora_r4", "lora_r16"]
+    assert tested == ["peft_" + arm.name for arm in peft]
 
 
 def test_launch_train_exits_2_on_a_text_input_error(text_data, tmp_path):
