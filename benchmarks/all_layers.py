@@ -318,18 +318,33 @@ def report(args, wall: float | None) -> dict:
             s["seconds"] = sum(r["wall_seconds"] for r in by_seed.values()) / len(by_seed)
             s["seeds"] = sorted(int(k) for k in by_seed)
             summary.setdefault(size, {})[name] = s
+    command = "python -m benchmarks.all_layers " + " ".join(sys.argv[1:])
+    invocations = _earlier_invocations(args.out)
+    if wall is not None:  # a run, not --report: its command and wall time join the list
+        invocations = [i for i in invocations if i["command"] != command]
+        invocations.append({"command": command, "wall_seconds": wall})
     results = {
-        "command": "python -m benchmarks.all_layers " + " ".join(sys.argv[1:]),
+        "invocations": invocations,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "image_size": IMAGE_SIZE, "batch": BATCH, "epochs": EPOCHS, "rate": RATE,
-        "wall_seconds": wall, "summary": summary, "runs": runs,
+        "summary": summary, "runs": runs,
     }
     text = markdown(results)
     print("\n" + text)
     _results.write(results, args.out)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(f"<!-- {results['command']} -->\n\n{text}")
+        f.write(text)
     return results
+
+
+def _earlier_invocations(path: str) -> list[dict]:
+    """The commands (and wall times) whose runs the results file at `path`
+    already reports: the tables gather every run in the workdir."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    return list(earlier.get("invocations", ()))
 
 
 def _pct(x):
@@ -337,7 +352,11 @@ def _pct(x):
 
 
 def markdown(results: dict) -> str:
-    lines = []
+    lines = ["The runs of:", ""]
+    for i in results["invocations"]:
+        lines.append(f"- `{i['command']}` ({i['wall_seconds'] / 60:.0f} min)")
+    lines += ["", f"Machine: {results['machine']}. Each table gathers every run recorded, "
+              "whichever command made it.", ""]
     for size, arms in sorted(results["summary"].items(), key=lambda kv: int(kv[0])):
         lines += [f"Fashion-MNIST, {size} images per class ({int(size) * 8} train / "
                   f"{int(size) * 2} validation), {results['image_size']} px, batch "
@@ -355,9 +374,6 @@ def markdown(results: dict) -> str:
                          f"{s['far_below']} | {s['rollbacks']} | {s['failed']} | "
                          f"{s['seconds']:.0f} | {len(s['seeds'])} |")
         lines.append("")
-    if results.get("wall_seconds"):
-        lines.append(f"Wall time of this invocation: {results['wall_seconds'] / 60:.0f} min; "
-                     f"machine: {results['machine']}.")
     return "\n".join(lines)
 
 
