@@ -324,7 +324,7 @@ def tables(results: dict) -> str:
             for v, r in rows:
                 partner = rate(case, keras_partner(v, mode), mode) if v.startswith("keras_ft/") else None
                 gflops = r * case["flops"][mode] / 1e9
-                peak = m["peak_gflops"][v.split("/")[2]]
+                peak = m["peak_gflops"][_workers.parse(v)[2]]  # the precision, without a suffix
                 lines.append(
                     f"| {v} | {r:.1f} | {f'{r / partner:.2f}x' if partner else '-'} | "
                     f"{f'{r / torch_default:.2f}x' if torch_default else '-'} | {gflops:.0f} | "
