@@ -111,7 +111,7 @@ def test_the_best_survives_a_kill_9(best_run, tmp_path, images):
     flags = [f"--config.data.source=folder:{images}", "--config.train.epochs=4",
              "--config.schedule.name=constant", "--config.checkpoint.keep_best=val_loss",
              "--config.export.which=best", "--config.export.enabled=False"]
-    kill_at = best_step + 4  # inside the epoch after the best one
+    kill_at = best_step + 4  # inside a later epoch than the best one
     killed = subprocess.run(
         [sys.executable, "tests/faults.py", "kill", str(kill_at)]
         + train_command(tmp_path, *flags)[3:],
