@@ -20,6 +20,7 @@ setup(
         "ml-collections",
         "numpy",
         "matplotlib",  # evaluation report and LR-finder plots
+        "pycocotools",  # object detection's COCO mAP (COCOeval, not a reimplementation)
     ],
     extras_require={
         # The offline quickstart: pretrained MobileNetV2 features and real photos.

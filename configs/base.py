@@ -268,6 +268,16 @@ def get_config(arg=None):
     #   ("auto", "trainable") compute batch statistics over the global
     #   batch, across replicas and workers, instead of each replica's share
 
+    # Object detection (task "object_detection", keras_ft.detection): a
+    # RetinaNet head on the backbone's stride-8/16/32 features.
+    config.detection = ml_collections.ConfigDict()
+    config.detection.fpn_filters = 96  # channels of the feature pyramid and the subnets
+    config.detection.head_convs = 2  # hidden 3x3 convs of the class and box subnets
+    config.detection.anchor_size = 4.0  # base anchor side in strides of its level
+    #   (level 3: 32 px); 3 scales per octave, aspect ratios 0.5, 1, 2
+    config.detection.score_threshold = 0.05  # detections kept above this score
+    config.detection.max_detections = 100  # per image, after per-class NMS (IoU 0.5)
+
     config.export = ml_collections.ConfigDict()
     config.export.enabled = True  # write workdir/export (SavedModel) at the end
     config.export.which = "last"  # "last": the weights at the end of training;

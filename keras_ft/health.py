@@ -44,6 +44,8 @@ def batchnorm_gap(job) -> float | None:
     statistics that do not match the weights
     (`keras_ft.freezing.train_eval_gap`). Inference mode may also do better:
     batch statistics of a small batch are noisy."""
+    if not job.task.checks_bn_gap:  # its outputs are not class logits
+        return None
     job_lib.enter_final_stage(job)
     accuracies = freezing.train_eval_gap(job.model, job.data.statistics_stream(), GAP_BATCHES)
     if accuracies is None:

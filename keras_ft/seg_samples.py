@@ -110,10 +110,11 @@ def background(index: int, size: int = 96, seed: int = 0) -> np.ndarray:
     return _background(np.random.default_rng([seed, index]), size)
 
 
-def _plan(count: int, seed: int) -> list[list[tuple[int, int]]]:
-    """Step 1: per sample, its garments as (class index, image number)."""
+def _plan(count: int, seed: int, most: int = MAX_GARMENTS) -> list[list[tuple[int, int]]]:
+    """Step 1: per sample, its garments as (class index, image number); each
+    sample holds 1 to `most` garments (`detection.samples` asks for 4)."""
     rng = np.random.default_rng(seed)
-    numbers = rng.integers(1, MAX_GARMENTS + 1, size=count)
+    numbers = rng.integers(1, most + 1, size=count)
     total = int(numbers.sum())
     decks = [rng.permutation(len(GARMENTS)) for _ in range(-(-total // len(GARMENTS)))]
     classes = np.concatenate(decks)[:total] + 1

@@ -194,6 +194,9 @@ class RunSpec:
     export_which: str  # "last" or "best": the weights evaluated and exported
     cached_epochs: int  # first epochs trained on cached features (0 = none)
     resolved: dict = dataclasses.field(compare=False, repr=False)  # for config.json
+    # The task's own config section, checked (`Task.resolve_options`), e.g.
+    # detection's anchors and head; None for a task without one.
+    task_options: object = None
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """The run's optimizer updates (batches / accumulation steps), at least 1."""
@@ -415,7 +418,8 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
 
     resolved = config.to_dict()
     resolved["model"]["image_size"] = model.image_size
-    return RunSpec(
+    task_plugin = tasks.get(task)
+    spec = RunSpec(
         task=task,
         seed=seed,
         resume=checks.boolean(c.resume, "resume"),
@@ -432,7 +436,10 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         export_which=export_which,
         cached_epochs=_cached_epochs(data, freeze, train.epochs),
         resolved=resolved,
+        task_options=task_plugin.resolve_options(c),
     )
+    task_plugin.check(spec)
+    return spec
 
 
 def resolve_data(d) -> DataSpec:

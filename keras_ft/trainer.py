@@ -196,6 +196,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
         guard,  # before the save: a spiking or NaN step is never checkpointed
         precise_bn,  # after an epoch's last step: before its validation and save
         *([ema_lib.ValidateAverage(model.ema)] if model.ema is not None else []),
+        *job.task.epoch_callbacks(model, data),  # the task's val_ metrics, before their readers
         throughput,
         keras.callbacks.TensorBoard(os.path.join(out, workdir_lib.TENSORBOARD)),
         *shown,
@@ -278,6 +279,7 @@ def _run(spec, workdir: str, out: str, strategy, watch, extra_callbacks: list) -
     exported = _final_weights(spec, manager, model, job.reference, state)
     bn_gap = health.batchnorm_gap(job)
     results = model.evaluate(val_stream, verbose=0, return_dict=True)
+    results.update(job.task.evaluate(model, data))  # e.g. detection's COCO mAP
     main = job.task.main_metric
     metrics = {
         f"val_{main}": float(results[main]),

@@ -33,6 +33,10 @@ line every LOG_EVERY_S seconds, none for a short run. The last log line is
 the summary: `Classified N of M files in T s (R images/s); K skipped.`,
 where R counts the model-and-decode loop, not the SavedModel's load.
 
+An object-detection export writes each image's boxes, classes and scores
+as rows, and with `--boxes=DIR` each image with its boxes drawn
+(`launch/predict_boxes.py`).
+
 A segmentation export (`loaded.task[0]` is "semantic_segmentation") writes
 masks instead, into `--masks=DIR`: `DIR/STEM.png`, the class index of each
 pixel at the image's own size (8-bit PNG), and `DIR/STEM_overlay.png`, the
@@ -84,6 +88,10 @@ _FORMAT = flags.DEFINE_string(
     "format", None, "csv, json or text; default: from --output's extension, else text.")
 _MASKS = flags.DEFINE_string(
     "masks", None, "Segmentation exports: the folder to write mask and overlay PNGs to.")
+_BOXES = flags.DEFINE_string(
+    "boxes", None, "Detection exports: the folder to write each image with its boxes drawn to.")
+_MIN_SCORE = flags.DEFINE_float(
+    "min_score", 0.3, "Detection exports: objects scoring below this are left out.")
 _PROGRESS = flags.DEFINE_string(
     "progress", "auto", "bar, log, or auto: a bar when stderr is a terminal, else log lines.")
 flags.mark_flags_as_required(["export"])
@@ -118,7 +126,7 @@ def main(argv):
         classified, skipped, seconds = predict(
             files, export_dir, output.file if output else sys.stdout, fmt,
             top_k=_TOP_K.value, batch_size=_BATCH_SIZE.value, progress_mode=mode,
-            masks_dir=_MASKS.value)
+            masks_dir=_MASKS.value, boxes_dir=_BOXES.value, min_score=_MIN_SCORE.value)
         if output:
             output.commit()
     except ValueError as e:  # a segmentation export without --masks
@@ -134,7 +142,8 @@ def main(argv):
 
 
 def predict(files, export_dir: str, stream, fmt: str, top_k: int, batch_size: int,
-            progress_mode: str, masks_dir: str | None = None):
+            progress_mode: str, masks_dir: str | None = None, boxes_dir: str | None = None,
+            min_score: float = 0.3):
     """Classifies `files` batch by batch, writing `fmt` rows of their `top_k`
     classes to `stream`.
 
@@ -147,6 +156,11 @@ def predict(files, export_dir: str, stream, fmt: str, top_k: int, batch_size: in
     served = tf.saved_model.load(export_dir)
     if hasattr(served, "task") and served.task[0].numpy() == b"semantic_segmentation":
         return segment(files, served, masks_dir, Progress(progress_mode, len(files)))
+    if hasattr(served, "task") and served.task[0].numpy() == b"object_detection":
+        from launch import predict_boxes
+
+        return predict_boxes.detect(files, served, stream, fmt, boxes_dir, min_score, batch_size,
+                                    Progress(progress_mode, len(files)), read_batches)
     classify = served.signatures["serving_default"]
     num_classes = classify.structured_outputs["probabilities"].shape[-1]
     # Exports from before the class names were stored name only the top class.

@@ -5,12 +5,15 @@
                            encoder (KerasHub; the `text` extra)
     semantic_segmentation  a class per pixel: a DeepLabV3+ decoder on the
                            image backbones
+    object_detection       boxes and classes of objects: a RetinaNet head on
+                           the image backbones
 """
 
 from __future__ import annotations
 
 from keras_ft.tasks.base import Task, TaskData
 from keras_ft.tasks.image_classification import ImageClassification, ImageData
+from keras_ft.tasks.object_detection import DetData, ObjectDetection
 from keras_ft.tasks.semantic_segmentation import SegData, SemanticSegmentation
 from keras_ft.tasks.text_classification import TextClassification, TextData
 
@@ -18,6 +21,7 @@ _TASKS = {
     ImageClassification.name: ImageClassification,
     TextClassification.name: TextClassification,
     SemanticSegmentation.name: SemanticSegmentation,
+    ObjectDetection.name: ObjectDetection,
 }
 
 

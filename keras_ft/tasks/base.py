@@ -154,6 +154,34 @@ class Task(abc.ABC):
     streams: bool = False  # its training stream can read each worker's share
     #   by index (`data.pipeline="stream"`; `TaskData.train_input`)
 
+    checks_bn_gap: bool = True  # `health.batchnorm_gap` applies: its outputs are
+    #   class logits whose argmax is compared with the labels
+
+    def resolve_options(self, config) -> object:
+        """The task's own config section (e.g. `config.detection`), checked,
+        as a frozen object the task's other methods read from
+        `spec.task_options`; None for a task without one. Raises ValueError
+        naming the key on a bad value."""
+        return None
+
+    def check(self, spec: "RunSpec") -> None:
+        """Refuses shared settings the task cannot honour (e.g. an
+        augmentation it cannot apply to its labels), with a ValueError naming
+        the key and the fix. Nothing by default."""
+
+    def evaluate(self, model, data: TaskData) -> dict:
+        """Metrics of the trained model on the validation split that
+        `compile()`'s metrics cannot compute (e.g. detection's COCO mAP):
+        a dict of floats, merged into metrics.json as `val_` + each name.
+        Empty by default."""
+        return {}
+
+    def epoch_callbacks(self, model, data: TaskData) -> list:
+        """Keras callbacks that add the task's own metrics to each epoch's
+        logs (`evaluate`'s, as `val_...`); the trainer runs them before the
+        callbacks that read the logs. None by default."""
+        return []
+
     def logged_metrics(self) -> list[str]:
         """The metrics `fit()` logs each epoch, validation first: what
         `checkpoint.keep_best` and early stopping may watch. A task whose

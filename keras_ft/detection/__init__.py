@@ -1,0 +1,1 @@
+"""Object detection: annotated boxes, their model, metrics and data."""
