@@ -371,7 +371,7 @@ def evaluate(workdir: str, source: str = "", data_split: str = "test", tta: str 
         return cli.fail(problem)
     from keras_ft import report, sources  # TensorFlow from here on
 
-    if source and source.partition(":")[0] not in sources.KINDS:
+    if source and source.partition(":")[0] not in sources.KINDS + ("coco", "voc", "yolo"):
         return cli.fail(
             f"unknown --data {source!r}. Use one of: "
             + ", ".join(f"{kind}:..." for kind in sources.KINDS) + " (e.g. folder:/data/test)."
@@ -380,6 +380,8 @@ def evaluate(workdir: str, source: str = "", data_split: str = "test", tta: str 
     if loaded is None:
         return cli.EXIT_BAD_INPUT
     model, state, spec = loaded
+    if spec.task == "object_detection":
+        return evaluate_detection(model, spec, state, source, out_dir)
     if spec.task != "image_classification":
         return cli.fail(f"launch.evaluate reports on image classification runs; {workdir} is a "
                         f"{spec.task} run (its validation figures are in metrics.json).")
@@ -436,6 +438,34 @@ def evaluate(workdir: str, source: str = "", data_split: str = "test", tta: str 
         f"accuracy {result['accuracy']:.4f}, ECE {result['calibration']['ece']:.4g}{tta_text}. "
         f"Report: {os.path.join(out_dir, 'report.md')}"
     )
+    return 0
+
+
+def evaluate_detection(model, spec, state, source: str, out_dir: str) -> int:
+    """`evaluate` for an object-detection run: pycocotools' mAP, AP50, AP75
+    and per-class AP, the PR curves and drawn examples
+    (`keras_ft.detection.report`), on the validation split rebuilt as the
+    trainer made it, or on every image of `source` (a COCO, VOC or YOLO
+    source: the classes must be the run's, in the same order)."""
+    from keras_ft import tasks
+    from keras_ft.detection import report, sources
+
+    task = tasks.get(spec.task)
+    try:
+        if source:
+            images, _ = sources.load_det_source(source, spec.data.bad_files)
+            if list(images.class_names) != list(state["class_names"]):
+                raise ValueError(f"--data {source} has classes {images.class_names}; the model "
+                                 f"was trained on {state['class_names']} (same names, same order).")
+        else:
+            images = task.load_data(spec).val_set
+    except cli.INPUT_ERRORS as e:
+        return cli.fail(e)
+    result = task.coco_on(model, images, spec.task_options, spec.train.global_batch_size)
+    report.write_report(out_dir, result, images, list(state["class_names"]))
+    print(f"{f'Held-out {source}' if source else 'Validation'} ({len(images)} images): "
+          f"mAP {result['map']:.4f}, AP50 {result['ap50']:.4f}, AP75 {result['ap75']:.4f}. "
+          f"Report: {os.path.join(out_dir, 'report.md')}")
     return 0
 
 

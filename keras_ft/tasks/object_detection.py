@@ -192,12 +192,19 @@ class ObjectDetection(base.Task):
     def coco(self, model, data: DetData) -> dict:
         """`metrics.coco_evaluate` of `model` on the validation images, in
         their own pixels, and the detections themselves."""
-        d = data.options
+        return self.coco_on(model, data.val_set, data.options, data._batch, data.val_images())
+
+    def coco_on(self, model, images, options: DetectionSpec, batch: int, sized=None) -> dict:
+        """`coco` on any `sources.DetSet` (`sized`: its images at the model's
+        size, `stream.size_all`, if already made)."""
         if getattr(self, "_predicting", (None,))[0] is not model:  # traced once per model
-            self._predicting = (model, detector(model, d.max_detections, d.score_threshold))
-        found = predict(self._predicting[1], data.val_images(), data.val_set.sizes, data._batch)
-        truth = metrics_lib.coco_ground_truth(data.val_set.boxes, data.val_set.classes,
-                                              data.val_set.sizes, data.class_names)
+            self._predicting = (model, detector(model, options.max_detections,
+                                                options.score_threshold))
+        if sized is None:
+            sized = stream.size_all(images, model.image_size)[0]
+        found = predict(self._predicting[1], sized, images.sizes, batch)
+        truth = metrics_lib.coco_ground_truth(images.boxes, images.classes, images.sizes,
+                                              images.class_names)
         result = metrics_lib.coco_evaluate(truth, metrics_lib.coco_detections(found))
         result["detections"] = found
         return result
