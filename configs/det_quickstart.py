@@ -29,13 +29,13 @@ def get_config(arg=None):
     config.data.val_fraction = 0.2
     config.data.augment.random_resized_crop = (0.5, 1.0)  # boxes move with the crop
     config.train.global_batch_size = 16
-    config.train.epochs = 20
+    config.train.epochs = 30
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 3e-4
     config.optimizer.weight_decay = 1e-4
     config.freeze.stages = (
         dict(epochs=4, blocks=0, lr_scale=1.0),  # the FPN and subnets only
-        dict(epochs=16, blocks=-1, lr_scale=0.5),  # then every block, at half the rate
+        dict(epochs=26, blocks=-1, lr_scale=1.0),  # then every block, at the same rate
     )
     config.checkpoint.keep_best = "val_map"
     return config
