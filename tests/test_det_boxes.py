@@ -195,3 +195,26 @@ def test_random_crops_keep_the_boxes_on_their_objects(seed):
         assert visible < stream.KEEP_VISIBLE + 1e-6
     else:
         assert _covers_the_object(cropped.numpy(), moved[0])
+
+
+def test_the_coins_photo_goes_through_reader_stream_and_matching(tmp_path, monkeypatch):
+    """A real photo with known boxes (scikit-image's coins, `sample:coins`):
+    read as COCO with its own split, sized, and every coin matched to an
+    anchor whose target decodes back to its box."""
+    from keras_ft.detection import sources
+    from keras_ft.tasks import object_detection
+
+    monkeypatch.setenv("KERAS_FT_HOME", str(tmp_path))
+    source = object_detection.resolve_source("sample:coins_10")
+    assert source.startswith("coco:") and ";" in source
+    data, report = sources.load_det_source(source)
+    assert data.val_mask.sum() == 2 and report.objects["coin"] == sum(len(b) for b in data.boxes) > 10
+    sized = stream.size_all(data, 65)
+    anchor = boxes.anchors(SPEC, 65, [(9, 9), (5, 5), (3, 3)])
+    for i in range(len(data)):
+        k = len(data.boxes[i])
+        target = boxes.match(anchor, sized[1][i], sized[2][i], SPEC).numpy()
+        positive = target[:, 4] >= 0
+        decoded = boxes.decode(anchor[positive], target[positive, :4]).numpy()
+        for box in sized[1][i][:k]:  # each coin is some positive anchor's object
+            assert np.abs(decoded - box).max(axis=1).min() < 1e-3

@@ -109,7 +109,7 @@ def coco_evaluate(truth: dict, detections: list[dict]) -> dict:
     against `truth` (`coco_ground_truth`).
 
     Returns a dict: `map` (AP@[.5:.95]), `ap50`, `ap75`, `ap_small`,
-    `ap_medium`, `ap_large`, `ar100`; `per_class` {name: AP@[.5:.95] or None
+    `ap_medium`, `ap_large` (None without objects of that size), `ar100`; `per_class` {name: AP@[.5:.95] or None
     for a class with no object}; `pr50` {name: precision at the 101 COCO
     recall points, IoU 0.5}. With no detection at all every AP is 0.0 (COCO
     would refuse an empty result list).
@@ -134,7 +134,10 @@ def coco_evaluate(truth: dict, detections: list[dict]) -> dict:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    s = [max(float(v), 0.0) for v in ev.stats]
+    # COCOeval's -1 means "no object of that kind": 0.0 for the headline
+    # figures (a run without objects in validation scores nothing), None for
+    # the size ranges (a set of small objects has no AP for large ones).
+    s = [float(v) if v >= 0 else (0.0 if i < 3 else None) for i, v in enumerate(ev.stats)]
     precision = ev.eval["precision"]  # [IoU thresholds, recall points, classes, areas, max dets]
     per_class, pr50 = {}, {}
     for k, name in enumerate(names):

@@ -56,7 +56,8 @@ def _markdown(numbers: dict, class_names, figures: dict) -> str:
              f"{numbers['images']} validation images, {sum(numbers['objects'].values())} objects, "
              f"{len(class_names)} classes; COCO box metrics by pycocotools.", "",
              "| metric | value |", "|---|---|"]
-    lines += [f"| {label} | {report_lib._number(numbers[key])} |" for key, label in HEADLINE]
+    lines += [f"| {label} | {report_lib._number(numbers[key]) if numbers[key] is not None else 'n/a (no such object)'} |"
+              for key, label in HEADLINE]
     lines += ["", "## Per class", "", "| class | AP@[.5:.95] | objects |", "|---|---|---|"]
     for name in class_names:
         ap = numbers["per_class"].get(name)
