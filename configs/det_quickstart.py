@@ -18,7 +18,7 @@ quickstart's, left the loss at the predict-nothing level: val AP50 0.01
 after 9 epochs), cosine decay, joint flip and random crops of 50-100% of
 the area. Measured on 2 CPU cores: val mAP@[.5:.95] 0.423, AP50 0.732,
 AP75 0.444, in 4 min 46 s; from random init, same recipe and steps:
-RANDOM_FIGURES (docs/detection.md).
+mAP 0.206, AP50 0.420 (docs/detection.md).
 """
 
 from configs import base

@@ -39,6 +39,12 @@ The interpretation follows fastai's `ClassificationInterpretation`: the 10
 most-confused (true, predicted) pairs and the 10 images of highest
 cross-entropy, on the plain probabilities (`keras_ft.report`).
 
+An object-detection run (`task="object_detection"`) is evaluated with
+pycocotools instead: `--data` is then a COCO, VOC or YOLO source with the
+run's classes, and the report holds mAP@[.5:.95], AP50, AP75, AP by size,
+per-class AP, the PR curves at IoU 0.5 and validation images with their
+boxes drawn (`keras_ft.detection.report`); `--tta` is refused.
+
 Exit codes:
     0  success
     1  an unexpected error (a bug: the traceback is printed)
@@ -381,6 +387,9 @@ def evaluate(workdir: str, source: str = "", data_split: str = "test", tta: str 
         return cli.EXIT_BAD_INPUT
     model, state, spec = loaded
     if spec.task == "object_detection":
+        if tta != "none":
+            return cli.fail(f"--tta={tta} classifies mirrored images; {workdir} is an "
+                            "object_detection run: leave --tta out.")
         return evaluate_detection(model, spec, state, source, out_dir)
     if spec.task != "image_classification":
         return cli.fail(f"launch.evaluate reports on image classification runs; {workdir} is a "

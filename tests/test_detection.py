@@ -212,6 +212,8 @@ def test_bad_boxes_classes_and_image_lists_are_one_line_errors(tmp_path, change,
     ({"data.augment.mixup": 0.2}, "data.augment.mixup does not move boxes"),
     ({"data.cache_features": True}, "task 'object_detection' has none to cache"),
     ({"detection.score_threshold": 1.5}, "detection.score_threshold"),
+    ({"data.resize": "center_crop"}, "detection stretches whole images"),
+    ({"train.label_smoothing": 0.1}, "set train.label_smoothing=0"),
 ])
 def test_bad_detection_config_is_one_line(coco, tmp_path, overrides, message):
     assert message in train_error(det_config(coco, overrides), tmp_path / "run")

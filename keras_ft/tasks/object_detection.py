@@ -100,7 +100,7 @@ class DetData(base.TaskData):
         a = self._spec.data.augment
         return stream.make_dataset(
             self._sized[split], *self.anchors, self._batch, training, seed=self._spec.seed,
-            skip_batches=skip, flip_images=training and a.flip,
+            skip_batches=0, flip_images=training and a.flip,
             crop_area=tuple(a.random_resized_crop) if training else ())
 
     def train_stream(self, skip_batches: int = 0, features_of=None) -> tf.data.Dataset:
@@ -154,6 +154,13 @@ class ObjectDetection(base.Task):
             raise ValueError(
                 f"data.augment.{extra[0]} does not move boxes: detection augments with the joint "
                 "flip and random_resized_crop only; turn it off.")
+        if spec.data.resize != "resize":
+            raise ValueError(
+                f"data.resize={spec.data.resize!r}: detection stretches whole images to the "
+                "input size (a crop would cut boxes off, unseen): set data.resize='resize'.")
+        if spec.train.label_smoothing:
+            raise ValueError("train.label_smoothing smooths a softmax's labels; the detector's "
+                             "focal loss has none: set train.label_smoothing=0.")
         if spec.data.class_weights:
             raise ValueError("data.class_weights weighs images by class; a detection image holds "
                              "objects of several classes: set data.class_weights=False.")
