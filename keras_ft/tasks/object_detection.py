@@ -100,7 +100,7 @@ class DetData(base.TaskData):
         a = self._spec.data.augment
         return stream.make_dataset(
             self._sized[split], *self.anchors, self._batch, training, seed=self._spec.seed,
-            skip_batches=0, flip_images=training and a.flip,
+            skip_batches=skip, flip_images=training and a.flip,
             crop_area=tuple(a.random_resized_crop) if training else ())
 
     def train_stream(self, skip_batches: int = 0, features_of=None) -> tf.data.Dataset:
