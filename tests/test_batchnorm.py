@@ -176,8 +176,11 @@ def test_stale_statistics_are_reported_with_the_fix(monkeypatch, caplog):
         def statistics_stream(self):
             return "batches"
 
+    class Task:
+        checks_bn_gap = True  # class logits: the check applies
+
     class Job:
-        model, data = "model", Data()
+        model, data, task = "model", Data(), Task()
 
         class spec:
             class freeze:
@@ -193,6 +196,9 @@ def test_stale_statistics_are_reported_with_the_fix(monkeypatch, caplog):
     assert "stale" not in caplog.text
     monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: None)
     assert health.batchnorm_gap(Job) is None  # no layer on batch statistics
+    monkeypatch.setattr(freezing, "train_eval_gap", lambda model, ds, n: (0.1, 0.9))
+    Job.task.checks_bn_gap = False  # a detector's anchors: no argmax accuracy to compare
+    assert health.batchnorm_gap(Job) is None
 
 
 def test_resume_across_precise_bn_is_exact(tmp_path, precise_run, monkeypatch):
