@@ -419,6 +419,9 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
     resolved = config.to_dict()
     resolved["model"]["image_size"] = model.image_size
     task_plugin = tasks.get(task)
+    # Every task's own section is checked, used or not: a bad value in a
+    # config.json is a bad config whichever task reads it.
+    options = {name: tasks.get(name).resolve_options(c) for name in tasks.names()}
     spec = RunSpec(
         task=task,
         seed=seed,
@@ -436,7 +439,7 @@ def resolve(config: ml_collections.ConfigDict | dict) -> RunSpec:
         export_which=export_which,
         cached_epochs=_cached_epochs(data, freeze, train.epochs),
         resolved=resolved,
-        task_options=task_plugin.resolve_options(c),
+        task_options=options[task],
     )
     task_plugin.check(spec)
     return spec
