@@ -15,6 +15,12 @@ exact resume, the workdir contract. What differs is small, and is a `Task`:
     main_metric      the name of the metric `metrics.json` leads with
     export           the serving signature(s) of the SavedModel
 
+Optional, with defaults that change nothing: `resolve_options` and `check`
+(the task's own config section, and its refusals of shared settings),
+`evaluate` and `epoch_callbacks` (metrics `compile()` cannot compute, e.g.
+detection's COCO mAP, in metrics.json and each epoch's logs),
+`after_training` (a report), `checks_bn_gap`.
+
 A new task subclasses `Task` and `TaskData` and is listed in
 `keras_ft.tasks`; the trainer's recipe does not change. docs/tasks.md says
 more.
