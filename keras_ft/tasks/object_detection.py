@@ -154,6 +154,9 @@ class ObjectDetection(base.Task):
             raise ValueError(
                 f"data.augment.{extra[0]} does not move boxes: detection augments with the joint "
                 "flip and random_resized_crop only; turn it off.")
+        if spec.model.dropout:
+            raise ValueError(f"model.dropout={spec.model.dropout}: the detector's head has no "
+                             "dropout layer; set model.dropout=0.")
         if spec.data.resize != "resize":
             raise ValueError(
                 f"data.resize={spec.data.resize!r}: detection stretches whole images to the "
