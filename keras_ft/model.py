@@ -178,6 +178,17 @@ class FineTuneModel(compat.LocalBatchBuild, keras.Model):
         if not self.optimizer.built:
             self.optimizer.build(self.tunable_variables())
 
+    @classmethod
+    def from_config(cls, config):
+        """The model of `get_config()` on a registry image backbone (its
+        `backbone_name` at its `image_size`), with random weights: a
+        checkpoint or a `.keras` file brings them. A model on another kind
+        of backbone (e.g. `TextClassifier`) overrides this."""
+        config = dict(config)
+        name = config.pop("backbone_name")
+        backbone = backbones.build(name, config.pop("image_size"), weights=None)
+        return cls(backbone, backbone_name=name, **config)
+
     def compile_from_config(self, config):
         # Keras skips compiling on load when `compile` is overridden; ours
         # only adds the optimizer build, so loading compiles as usual.
@@ -355,13 +366,6 @@ class Classifier(FineTuneModel):
             "dropout": self.dropout,
             "class_names": self.class_names,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        name = config.pop("backbone_name")
-        backbone = backbones.build(name, config.pop("image_size"), weights=None)
-        return cls(backbone, backbone_name=name, **config)
 
 
 class _Reference:

@@ -157,13 +157,6 @@ class Segmenter(model_lib.FineTuneModel):
             "aspp_rates": list(self.aspp_rates), "dropout": self.dropout,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        name = config.pop("backbone_name")
-        backbone = backbones.build(name, config.pop("image_size"), weights=None)
-        return cls(backbone, backbone_name=name, **config)
-
 
 def export_saved_model(model: Segmenter, path: str, class_names: Sequence[str]) -> str:
     """Exports `model` with signatures that serve raw images at their own size.

@@ -151,13 +151,6 @@ class Detector(model_lib.FineTuneModel):
             "num_scales": s.num_scales, "aspect_ratios": list(s.aspect_ratios),
         }
 
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        name = config.pop("backbone_name")
-        backbone = backbones.build(name, config.pop("image_size"), weights=None)
-        return cls(backbone, backbone_name=name, **config)
-
 
 def to_input_pixels(boxes, sizes, image_size: int):
     """Boxes `[N, K, 4]` xyxy in the model's S x S input, back in each image's
