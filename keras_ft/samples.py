@@ -119,25 +119,49 @@ def home() -> str:
 def materialize(name: str) -> str:
     """Writes sample `name` as an image folder (once) and returns its path."""
     make = _maker(name)  # a known name: never a path
+
+    def build(path):
+        sample = make()  # fails before anything is written
+
+        def fill(tmp):
+            for class_name, images in sample.items():
+                os.makedirs(os.path.join(tmp, class_name))
+                for i, image in enumerate(images):
+                    png = tf.io.encode_png(image).numpy()
+                    with open(os.path.join(tmp, class_name, f"{i:04d}.png"), "wb") as f:
+                        f.write(png)
+
+        return write_folder(path, fill)
+
+    return cached_folder(name, build)
+
+
+def write_folder(root: str, fill) -> str:
+    """Calls `fill(tmp)` on a new folder beside `root`, then renames it to
+    `root` in one step, so a reader never sees a half-written folder; on any
+    error the temporary folder is removed. Returns `root`."""
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
+    try:
+        fill(tmp)
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def cached_folder(name: str, build) -> str:
+    """`$KERAS_FT_HOME/samples/NAME`, made by `build(path)` the first time
+    (with `write_folder`: there means complete) and found there after."""
     path = os.path.join(home(), "samples", name)
     if os.path.isdir(path):
         return path
-    sample = make()  # fails before anything is written
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Written beside its final place and renamed in one step, so a reader
-    # never sees a half-written folder.
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=os.path.dirname(path))
     try:
-        for class_name, images in sample.items():
-            os.makedirs(os.path.join(tmp, class_name))
-            for i, image in enumerate(images):
-                png = tf.io.encode_png(image).numpy()
-                with open(os.path.join(tmp, class_name, f"{i:04d}.png"), "wb") as f:
-                    f.write(png)
-        os.rename(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # Renaming onto a folder another process has just written fails: fine.
-        if not (isinstance(e, OSError) and os.path.isdir(path)):
-            raise
-    return path
+        return build(path)
+    except OSError:
+        # Another process has just renamed the same folder into place: fine.
+        if os.path.isdir(path):
+            return path
+        raise

@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -182,10 +180,8 @@ def build(root: str, count: int = 400, size: int = 96, seed: int = 0) -> str:
     fashion = samples._fashion_mnist(PER_CLASS)  # fails before anything is written
     sources = [fashion[fashion_name][..., 0] for _, fashion_name in GARMENTS]
     _photos()
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
-    try:
+
+    def fill(tmp):
         os.makedirs(os.path.join(tmp, "images"))
         os.makedirs(os.path.join(tmp, "masks"))
         for i, garments in enumerate(_plan(count, seed)):
@@ -194,11 +190,8 @@ def build(root: str, count: int = 400, size: int = 96, seed: int = 0) -> str:
             Image.fromarray(mask).save(os.path.join(tmp, "masks", f"{i:04d}.png"))
         with open(os.path.join(tmp, "classes.txt"), "w") as f:
             f.write("".join(name + "\n" for name in CLASSES))
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return samples.write_folder(root, fill)
 
 
 def materialize(count: int = 400, size: int = 96) -> str:
@@ -206,13 +199,5 @@ def materialize(count: int = 400, size: int = 96) -> str:
     (`$KERAS_FT_HOME/samples/fashion_seg_{count}_{size}`), and returns its
     path; later calls return the folder already there."""
     _check(count, size)
-    path = os.path.join(samples.home(), "samples", f"fashion_seg_{count}_{size}")
-    if os.path.isdir(path):  # written atomically: there means complete
-        return path
-    try:
-        return build(path, count, size, seed=0)
-    except OSError:
-        # Another process has just renamed the same folder into place: fine.
-        if os.path.isdir(path):
-            return path
-        raise
+    return samples.cached_folder(f"fashion_seg_{count}_{size}",
+                                 lambda path: build(path, count, size, seed=0))

@@ -75,8 +75,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
@@ -179,21 +177,6 @@ def _write_json(path: str, coco: dict) -> None:
         f.write("\n")
 
 
-def _atomic(root: str, write) -> str:
-    """Calls `write(tmp)` on a new folder beside `root`, then renames it to
-    `root` in one step: the folder appears complete or not at all."""
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
-    try:
-        write(tmp)
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
 def _new_root(root: str) -> str:
     root = os.path.abspath(root)
     if os.path.exists(root):
@@ -249,20 +232,7 @@ def build(root: str, count: int = 400, size: int = 128, seed: int = 0) -> str:
             "categories": _categories(CATEGORIES),
         })
 
-    return _atomic(root, write)
-
-
-def _cached(name: str, make) -> str:
-    path = os.path.join(samples.home(), "samples", name)
-    if os.path.isdir(path):  # written atomically: there means complete
-        return path
-    try:
-        return make(path)
-    except OSError:
-        # Another process has just renamed the same folder into place: fine.
-        if os.path.isdir(path):
-            return path
-        raise
+    return samples.write_folder(root, write)
 
 
 def materialize(count: int = 400, size: int = 128) -> str:
@@ -270,7 +240,8 @@ def materialize(count: int = 400, size: int = 128) -> str:
     (`$KERAS_FT_HOME/samples/fashion_det_{count}_{size}`), and returns its
     path; later calls return the folder already there."""
     _check(count, size, MIN_SIZE)
-    return _cached(f"fashion_det_{count}_{size}", lambda path: build(path, count, size, seed=0))
+    return samples.cached_folder(f"fashion_det_{count}_{size}",
+                                 lambda path: build(path, count, size, seed=0))
 
 
 # --------------------------------------------------------------------- coins
@@ -409,7 +380,7 @@ def build_coins(root: str, count: int = 200, size: int = 96, seed: int = 0) -> s
                 "categories": _categories(("coin",)),
             })
 
-    return _atomic(root, write)
+    return samples.write_folder(root, write)
 
 
 def materialize_coins(count: int = 200, size: int = 96) -> str:
@@ -417,4 +388,5 @@ def materialize_coins(count: int = 200, size: int = 96) -> str:
     (`$KERAS_FT_HOME/samples/coins_{count}_{size}`), and returns its path;
     later calls return the folder already there."""
     _check(count, size, MIN_COINS_SIZE, min_count=2)
-    return _cached(f"coins_{count}_{size}", lambda path: build_coins(path, count, size, seed=0))
+    return samples.cached_folder(f"coins_{count}_{size}",
+                                 lambda path: build_coins(path, count, size, seed=0))
