@@ -12,6 +12,8 @@
   exit code contract itself (tests/test_launch.py).
 - `record_logs`: what an in-process `trainer.train` logs.
 - `deadline`: a hang fails the test instead of stalling the suite.
+- `assert_kill_9_resumes_bitwise`, `checkpoint_tensors`, `png`: the kill -9
+  and resume scenario every task's resume promise is tested by.
 """
 
 from __future__ import annotations
@@ -220,3 +222,65 @@ def deadline(seconds=20):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------- kill -9, resume, bitwise equal
+
+
+def checkpoint_tensors(workdir, step: int) -> dict:
+    """{name: array} of every variable in `workdir`'s checkpoint at `step`."""
+    import os
+
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", f"ckpt-{step:09d}", "ckpt"))
+    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
+            if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def assert_kill_9_resumes_bitwise(config: str, run: list, tmp_path, *, kill_at: int = 7,
+                                  steps: int = 12, resumed: str = "starting at step 3 of epoch 2",
+                                  random_layers: bool = True):
+    """The scenario every task's resume promise is tested by: `run` (flags of
+    `launch.train` on `config`) trained to the end in `tmp_path/reference`,
+    side by side with the same run SIGKILLed after step `kill_at`
+    (tests/faults.py) in `tmp_path/killed` and then rerun; the rerun must
+    say `resumed` and end with every variable of the final checkpoint (step
+    `steps`) bitwise equal to the reference's, the random layers' RNG state
+    included when the model has any (`random_layers`). Returns the
+    reference workdir (with its export)."""
+    import sys
+
+    import numpy as np
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    fault = subprocess.Popen(
+        [sys.executable, "tests/faults.py", "kill", str(kill_at), f"--config={config}",
+         f"--workdir={killed}", *run, "--config.export.enabled=False"],
+        cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(train_command(reference, *run, config=config), cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, err = fault.communicate(timeout=600)
+    assert fault.returncode == -9, err[-3000:]
+    again = subprocess.run(train_command(killed, *run, "--config.export.enabled=False", config=config),
+                           cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert resumed in again.stderr
+    got, want = checkpoint_tensors(killed, steps), checkpoint_tensors(reference, steps)
+    assert sorted(got) == sorted(want)
+    assert any("rng" in n for n in want) == random_layers
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    return reference
+
+
+def png(image) -> bytes:
+    """uint8 `[H, W, 3]` encoded as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()

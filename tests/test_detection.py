@@ -8,7 +8,6 @@ square at seeded places (each present with probability 3/4), the COCO
 boxes being the squares, so a model's output must depend on the image.
 """
 
-import io
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO, run_train, train_env
-from runs import overridden, train_error
+from runs import assert_kill_9_resumes_bitwise, overridden, png, train_error
 
 CONFIG = "configs/det_tiny.py"
 CLASSES = ["red", "blue"]
@@ -62,45 +61,15 @@ def det_config(source, overrides=None):
     return overridden(config, overrides)
 
 
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-STEPS = 12
-
-
-def final_checkpoint(workdir):
-    reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", f"ckpt-{STEPS:09d}", "ckpt"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-            if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
 @pytest.mark.slow
 def test_kill_9_resumes_bitwise_and_the_export_serves_the_models_boxes(coco, tmp_path):
     run = [f"--config.data.source={coco}", "--config.train.epochs=3",
            "--config.train.steps_per_epoch=4", "--config.checkpoint.every_steps=2",
            "--config.deterministic=True", "--config.data.augment.random_resized_crop=(0.5, 1.0)",
            "--config.detection.score_threshold=0.001"]  # a young model scores near the 0.01 prior
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    fault = subprocess.Popen(
-        [sys.executable, "tests/faults.py", "kill", "7", f"--config={CONFIG}",
-         f"--workdir={killed}", *run, "--config.export.enabled=False"],
-        cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = run_train(reference, *run, config=CONFIG)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _, err = fault.communicate(timeout=600)
-    assert fault.returncode == -9, err[-3000:]
-    resumed = run_train(killed, *run, "--config.export.enabled=False", config=CONFIG)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "starting at step 3 of epoch 2" in resumed.stderr
-    got, want = final_checkpoint(killed), final_checkpoint(reference)
     # (no random layer in the detector: the crops and flips are drawn by
     # position, and the resumed stream must skip exactly to step 7)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    reference = assert_kill_9_resumes_bitwise(CONFIG, run, tmp_path, random_layers=False)
 
     # val_map every epoch, the main metric, and the report
     metrics = json.loads((reference / "metrics.json").read_text())

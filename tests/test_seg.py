@@ -7,7 +7,6 @@ at seeded places, the mask being 1 under the red square and 2 under the
 blue one, so a model's output must depend on the image to be right.
 """
 
-import io
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO, run_train, train_env
-from runs import overridden, train_error
+from runs import assert_kill_9_resumes_bitwise, overridden, png, train_error
 
 CONFIG = "configs/seg_tiny.py"
 CLASSES = ["background", "red", "blue"]
@@ -151,42 +150,12 @@ def test_decoder_first_then_the_named_blocks_inside_one_fit(pairs, tmp_path):
     assert {"report.md", "confusion.png", "examples.png"} <= set(os.listdir(report))
 
 
-def png(image) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-STEPS = 12
-
-
-def final_checkpoint(workdir):
-    reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints", f"ckpt-{STEPS:09d}", "ckpt"))
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-            if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
 @pytest.mark.slow
 def test_kill_9_resumes_bitwise_and_the_export_serves_any_size(pairs, tmp_path):
     run = [f"--config.data.source=folder:{pairs}", "--config.train.epochs=3",
            "--config.train.steps_per_epoch=4", "--config.checkpoint.every_steps=2",
            "--config.deterministic=True", "--config.model.dropout=0.1"]
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    fault = subprocess.Popen(
-        [sys.executable, "tests/faults.py", "kill", "7", f"--config={CONFIG}",
-         f"--workdir={killed}", *run, "--config.export.enabled=False"],
-        cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = run_train(reference, *run, config=CONFIG)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _, err = fault.communicate(timeout=600)
-    assert fault.returncode == -9, err[-3000:]
-    resumed = run_train(killed, *run, "--config.export.enabled=False", config=CONFIG)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "starting at step 3 of epoch 2" in resumed.stderr
-    got, want = final_checkpoint(killed), final_checkpoint(reference)
-    assert sorted(got) == sorted(want) and any("rng" in n for n in want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    reference = assert_kill_9_resumes_bitwise(CONFIG, run, tmp_path)
 
     # The export, in this process: encoded images of several sizes, a class
     # per pixel at each image's own size, equal to the model's own output.

@@ -20,8 +20,8 @@ import pytest
 import keras_hub  # in the test extra: a missing install fails here, it is not skipped
 import tensorflow as tf
 
-from conftest import REPO, error_line, run_train, train_env
-from runs import overridden, record_logs, train_error
+from conftest import error_line, run_train, train_env
+from runs import assert_kill_9_resumes_bitwise, overridden, record_logs, train_error
 
 WORDS = {
     "fruit": "apple banana cherry grape lemon mango melon peach pear plum".split(),
@@ -200,38 +200,13 @@ def test_lora_trains_only_the_attention_adapters_and_the_head(text_data, tmp_pat
     assert result.metrics["trainable_params"] == lora_params + head_params
 
 
-STEPS = 12
-
-
-def final_checkpoint(workdir):
-    path = os.path.join(workdir, "checkpoints", f"ckpt-{STEPS:09d}", "ckpt")
-    reader = tf.train.load_checkpoint(path)
-    return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map()
-            if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
-
-
 @pytest.mark.slow
 def test_kill_9_mid_epoch_resumes_bitwise_and_the_export_serves_strings(text_data, tmp_path):
     run = flags(text_data, "--config.train.epochs=3", "--config.train.steps_per_epoch=4",
                 "--config.checkpoint.every_steps=2", "--config.deterministic=True",
                 "--config.model.dropout=0.1", "--config.optimizer.learning_rate=0.01")
-    reference = tmp_path / "reference"
-    killed = tmp_path / "killed"
-    fault = subprocess.Popen(
-        [sys.executable, "tests/faults.py", "kill", "7", f"--config={CONFIG}",
-         f"--workdir={killed}", *run, "--config.export.enabled=False"],
-        cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    done = run_train(reference, *run, config=CONFIG)
-    assert done.returncode == 0, done.stderr[-3000:]
-    _, err = fault.communicate(timeout=600)
-    assert fault.returncode == -9, err[-3000:]
-    resumed = run_train(killed, *run, "--config.export.enabled=False", config=CONFIG)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "starting at step 3 of epoch 2" in resumed.stderr  # ckpt at step 6, killed after 7
-    got, want = final_checkpoint(killed), final_checkpoint(reference)
-    assert sorted(got) == sorted(want) and any("rng" in n for n in want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # checkpoint at step 6, killed after 7
+    reference = assert_kill_9_resumes_bitwise(CONFIG, run, tmp_path)
 
     # The export, in a fresh process: raw strings in, the trained model's
     # probabilities out (the tokenizer is inside; tensorflow_text must be imported).
