@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_ft import checks, model as model_lib
+from keras_ft import checkpoint, checks, model as model_lib
 from keras_ft.detection import boxes as boxes_lib, metrics as metrics_lib
 from keras_ft.detection import model as detector_lib, sources, stream
 from keras_ft.tasks import base
@@ -221,6 +221,9 @@ class ObjectDetection(base.Task):
 
     def evaluate(self, model, data: DetData) -> dict:
         result = self.coco(model, data)
+        # The report after training is of the weights evaluated last: kept,
+        # with their fingerprint, so that it needs no second pass.
+        self._evaluated = (checkpoint.fingerprint(model), result)
         return {k: v for k, v in result.items() if isinstance(v, float)}
 
     def epoch_callbacks(self, model, data: DetData) -> list:
@@ -240,7 +243,9 @@ class ObjectDetection(base.Task):
         validation images with their true and detected boxes."""
         from keras_ft.detection import report
 
-        result = self.coco(model, data)
+        weights, result = getattr(self, "_evaluated", (None, None))
+        if weights != checkpoint.fingerprint(model):
+            result = self.coco(model, data)
         directory = os.path.join(out, REPORT_DIR)
         report.write_report(directory, result, data.val_set, data.class_names)
         logging.info("Detection report in %s: mAP %.4f, AP50 %.4f, AP75 %.4f.", directory,
