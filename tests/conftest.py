@@ -113,3 +113,15 @@ def tiny_classifier(num_classes=3, seed=0, **kwargs):
     assert freezing.reestimate_batchnorm(model, batches, num_batches=4) == 4
     assert_depends_on_images(model(noise_images(8, seed=seed + 2000), training=False), at_least=0.3)
     return model
+
+
+def folder_bytes(root) -> dict:
+    """{relative path: bytes} of every file under `root`: two folders
+    written alike compare equal byte for byte."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import folder_bytes
 from keras_ft import samples, seg_samples
 from keras_ft.detection import samples as det_samples
 
@@ -17,16 +18,6 @@ APT = "apt-get install dataset-fashion-mnist"
 
 def _has_fashion_mnist():
     return os.path.exists(os.path.join(samples.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
-
-
-def _files(root):
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 def _coco(root):
@@ -86,10 +77,10 @@ def test_layout_and_coco(built):
 def test_same_seed_same_bytes(built, tmp_path):
     again = det_samples.build(str(tmp_path / "again"), COUNT, SIZE, seed=0)
     other = det_samples.build(str(tmp_path / "other"), COUNT, SIZE, seed=1)
-    assert _files(again) == _files(built)
-    assert _files(other).keys() == _files(built).keys()
-    assert _files(other) != _files(built)
-    assert _files(other)["annotations.json"] != _files(built)["annotations.json"]
+    assert folder_bytes(again) == folder_bytes(built)
+    assert folder_bytes(other).keys() == folder_bytes(built).keys()
+    assert folder_bytes(other) != folder_bytes(built)
+    assert folder_bytes(other)["annotations.json"] != folder_bytes(built)["annotations.json"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,7 +180,7 @@ def test_classes_balanced(built):
     assert set(numbers) == {1, 2, 3, 4}
 
 
-def test_instances_matches_the_files(built):
+def test_instances_matches_thefolder_bytes(built):
     image, ids, classes = det_samples.instances(3, COUNT, SIZE, seed=0)
     written = np.asarray(Image.open(os.path.join(built, "images", "0003.png")))
     np.testing.assert_array_equal(image, written)
@@ -275,8 +266,8 @@ def test_coins_layout_and_coco(coins):
 def test_coins_same_seed_same_bytes(coins, tmp_path):
     again = det_samples.build_coins(str(tmp_path / "again"), COINS_COUNT, COINS_SIZE, seed=0)
     other = det_samples.build_coins(str(tmp_path / "other"), COINS_COUNT, COINS_SIZE, seed=1)
-    assert _files(again) == _files(coins)
-    assert _files(other) != _files(coins)
+    assert folder_bytes(again) == folder_bytes(coins)
+    assert folder_bytes(other) != folder_bytes(coins)
 
 
 def test_coins_crops_disjoint_and_boxes(coins):

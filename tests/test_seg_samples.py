@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import folder_bytes
 from keras_ft import samples, seg_samples
 
 COUNT, SIZE = 12, 64
@@ -19,16 +20,6 @@ def _read(root, i):
     mask = Image.open(os.path.join(root, "masks", f"{i:04d}.png"))
     assert (image.mode, mask.mode) == ("RGB", "L")
     return np.asarray(image), np.asarray(mask)
-
-
-def _files(root):
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +85,9 @@ def test_class_balance_and_distinct_sources():
 
 @needs_fashion_mnist
 def test_same_seed_same_bytes_other_seed_differs(built, tmp_path):
-    again = _files(seg_samples.build(str(tmp_path / "again"), COUNT, SIZE, seed=0))
-    assert again == _files(built)
-    other = _files(seg_samples.build(str(tmp_path / "other"), COUNT, SIZE, seed=1))
+    again = folder_bytes(seg_samples.build(str(tmp_path / "again"), COUNT, SIZE, seed=0))
+    assert again == folder_bytes(built)
+    other = folder_bytes(seg_samples.build(str(tmp_path / "other"), COUNT, SIZE, seed=1))
     assert other.keys() == again.keys()
     assert sum(other[k] != again[k] for k in again if k.startswith("masks")) >= COUNT - 1
     assert sorted(os.listdir(tmp_path)) == ["again", "other"]  # no temp folder left
